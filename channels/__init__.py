@@ -1,0 +1,14 @@
+"""The product's channels: thin handlers that authorise joins and delegate to the domain packages."""
+
+from realtime import Router
+
+from .user import UserChannel
+
+__all__ = ["UserChannel", "build_router"]
+
+
+def build_router() -> Router:
+    """Every topic the product serves, mapped to its channel (SPEC §7)."""
+    router = Router()
+    router.channel("user:*", UserChannel)
+    return router

@@ -1,0 +1,1 @@
+"""The viral loops as event-driven state machines, their scheduler and personalisation providers."""

@@ -1,0 +1,1 @@
+"""Presence tracking per topic, multi-node, with aggregate counts (built on `realtime`)."""

@@ -1,0 +1,196 @@
+"""The socket endpoint: an ASGI app that upgrades `/socket/websocket`, authenticates, and runs sockets.
+
+It also owns the engine's background work (broker, idle-socket sweep) through `start`/`stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from . import serializer
+from .broker import Broker
+from .hub import Hub
+from .outbound import AsgiOutbound, Outbound
+from .router import Router
+from .socket import CLOSE_GOING_AWAY, Socket, SocketLimits
+from .stats import RealtimeStats
+from .tokens import InvalidToken, TokenVerifier, token_from_subprotocols
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ConnectHook = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+# A server that can write pre-built frames to the transport puts an object under this key in
+# scope["extensions"] (see realtime.uvicorn_protocol); without it the portable ASGI path is used.
+FAST_TRANSPORT_EXTENSION = "realtime.transport"
+
+
+class ConnectRefused(Exception):
+    """Raised by a connect hook to refuse a socket with HTTP 403 and this message."""
+
+
+class PhoenixEndpoint:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        verifier: TokenVerifier,
+        broker: Broker,
+        limits: SocketLimits | None = None,
+        stats: RealtimeStats | None = None,
+        on_connect: ConnectHook | None = None,
+        sweep_interval: float | None = None,
+    ) -> None:
+        self.router = router
+        self.verifier = verifier
+        self.limits = limits or SocketLimits()
+        self.stats = stats or RealtimeStats()
+        self.hub = Hub(broker, self.stats)
+        self.on_connect = on_connect
+        self.sockets: set[Socket] = set()
+        self._sweep_interval = sweep_interval or max(0.5, min(5.0, self.limits.idle_timeout / 4))
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # Lifecycle.
+
+    async def start(self) -> None:
+        await self.hub.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="realtime-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for sock in list(self.sockets):
+            sock.close(CLOSE_GOING_AWAY, "server shutting down")
+        await self.hub.stop()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                self.close_idle_sockets()
+                await self.hub.sweep()
+            except Exception:
+                log.exception("realtime sweep failed")
+
+    def close_idle_sockets(self) -> int:
+        deadline = time.monotonic() - self.limits.idle_timeout
+        idle = [sock for sock in self.sockets if sock.last_seen < deadline]
+        for sock in idle:
+            self.stats.idle_timeouts += 1
+            sock.close(1000, f"idle timeout: no message for {self.limits.idle_timeout:g}s")
+        return len(idle)
+
+    # ASGI.
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            body = b"this endpoint only speaks WebSocket (Phoenix Channels V2)"
+            await send(
+                {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            serializer.negotiate_vsn(_first(query, "vsn"))
+        except serializer.ProtocolError as exc:
+            await self._deny(scope, send, 400, str(exc))
+            return
+        offered: list[str] = list(scope.get("subprotocols") or [])
+        token = _first(query, "token") or token_from_subprotocols(offered)
+        try:
+            claims = self.verifier.verify(token)
+            if self.on_connect is not None:
+                claims = await self.on_connect(claims)
+        except (InvalidToken, ConnectRefused) as exc:
+            await self._deny(scope, send, 403, str(exc))
+            return
+
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        chosen = _choose_subprotocol(offered)
+        if chosen is not None:
+            accept["subprotocol"] = chosen
+        await send(accept)
+
+        fast = scope.get("extensions", {}).get(FAST_TRANSPORT_EXTENSION)
+        outbound: Outbound
+        if fast is not None:
+            outbound = fast.attach(max_buffer_bytes=self.limits.outbound_max_bytes, stats=self.stats)
+        else:
+            outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
+        sock = Socket(
+            claims, outbound, hub=self.hub, router=self.router, limits=self.limits, stats=self.stats
+        )
+        self.sockets.add(sock)
+        self.stats.sockets_opened += 1
+        try:
+            await self._receive_loop(sock, receive)
+        finally:
+            self.sockets.discard(sock)
+            self.stats.sockets_closed += 1
+            await sock.terminate("closed")
+            if isinstance(outbound, AsgiOutbound):
+                await outbound.aclose()
+
+    async def _receive_loop(self, sock: Socket, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                if text is not None:
+                    await sock.handle_text(text)
+                else:
+                    sock.handle_binary()
+            elif kind == "websocket.disconnect":
+                return
+
+    async def _deny(self, scope: Scope, send: Send, status: int, reason: str) -> None:
+        self.stats.sockets_rejected += 1
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = orjson.dumps({"error": reason})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            # Closing before accepting makes the server answer 403 without a body.
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+    # Server-side publishing (SPEC §9a): one path for every push to a topic.
+
+    async def broadcast(self, topic: str, event: str, payload: Any) -> int:
+        return await self.hub.broadcast(topic, event, payload)
+
+
+def _first(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    return values[0] if values else None
+
+
+def _choose_subprotocol(offered: list[str]) -> str | None:
+    if not offered:
+        return None
+    if "phoenix" in offered:
+        return "phoenix"
+    for proto in offered:
+        if not proto.startswith("base64url.bearer."):
+            return proto
+    return None

@@ -1,0 +1,29 @@
+"""The async SQLAlchemy engine for DATABASE_URL (SQLite by default, PostgreSQL via asyncpg)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, object] = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            kwargs.update(pool_size=10, max_overflow=10)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """True when a trivial query answers within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout), self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,142 @@
+"""The Starlette application, assembled from the parts: socket endpoint, HTTP API, health, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from channels import build_router
+from realtime import PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
+from store import Database
+
+from .auth import require_role
+from .config import Settings
+from .logs import install_token_redaction
+from .prometheus import build_registry
+
+log = logging.getLogger(__name__)
+
+RESERVED_EVENTS = frozenset({"phx_join", "phx_leave", "phx_reply", "phx_close", "phx_error", "heartbeat"})
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"request body larger than {max_bytes} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise HTTPException(413, f"request body larger than {max_bytes} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+
+
+async def publish(request: Request) -> Response:
+    """SPEC §9a: deliver a push to every socket joined to `topic` on every node."""
+    require_role(request, "admin")
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise HTTPException(422, "body must be a JSON object {topic, event, payload}")
+    topic, event, payload = body.get("topic"), body.get("event"), body.get("payload", {})
+    errors = {}
+    if not isinstance(topic, str) or not topic:
+        errors["topic"] = "must be a non-empty string"
+    if not isinstance(event, str) or not event:
+        errors["event"] = "must be a non-empty string"
+    elif event in RESERVED_EVENTS:
+        errors["event"] = f"{event!r} is reserved by the Phoenix protocol"
+    if not isinstance(payload, dict):
+        errors["payload"] = "must be a JSON object"
+    if errors:
+        return ORJSONResponse({"error": "invalid publish request", "fields": errors}, status_code=422)
+    reached = await request.app.state.endpoint.broadcast(topic, event, payload)
+    return ORJSONResponse({"topic": topic, "event": event, "local_subscribers": reached}, status_code=202)
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    checks = {
+        "broker": await state.endpoint.hub.broker.ping(),
+        "database": await state.database.ping(),
+    }
+    ready = all(checks.values())
+    return ORJSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return ORJSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def socket_over_http(request: Request) -> Response:
+    return PlainTextResponse(
+        "connect with a WebSocket: ws://HOST/socket/websocket?vsn=2.0.0&token=JWT", status_code=400
+    )
+
+
+def create_app(settings: Settings | None = None, *, router: Router | None = None) -> Starlette:
+    """Build the app. `router` replaces the product's channels (the benchmarks use this)."""
+    settings = settings or Settings.from_env()
+    install_token_redaction()
+    settings.warn_if_unsafe()
+    verifier = TokenVerifier(settings.secret_key, old_secrets=settings.old_secret_keys)
+    endpoint = PhoenixEndpoint(
+        router=router or build_router(),
+        verifier=verifier,
+        broker=broker_from_url(settings.broker_url),
+        limits=settings.limits,
+        stats=RealtimeStats(),
+    )
+    database = Database(settings.database_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await endpoint.start()
+        log.info("viral-engine ready: broker=%s", settings.broker_url)
+        try:
+            yield
+        finally:
+            await endpoint.stop()
+            await database.dispose()
+
+    routes = [
+        WebSocketRoute("/socket/websocket", endpoint),
+        Route("/socket/websocket", socket_over_http),
+        Route("/api/publish", publish, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", prometheus_metrics),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.settings = settings
+    app.state.verifier = verifier
+    app.state.endpoint = endpoint
+    app.state.database = database
+    app.state.registry = build_registry(endpoint)
+    return app

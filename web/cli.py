@@ -1,0 +1,143 @@
+"""The `viral-engine` command: serve, worker, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from realtime import TokenVerifier
+
+from .config import ConfigError, Settings
+
+ROLES = ("student", "parent", "tutor", "admin")
+WS_PROTOCOL = "realtime.uvicorn_protocol:PhoenixWebSocketProtocol"
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    if args.workers > 1 and settings.broker_url.startswith("memory://"):
+        print(
+            "error: --workers > 1 needs a shared broker: the memory:// broker cannot fan out between "
+            "processes. Set BROKER_URL=redis://127.0.0.1:6379/0.",
+            file=sys.stderr,
+        )
+        return 2
+    settings.warn_if_unsafe()
+    uvicorn.run(
+        "web.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        ws=WS_PROTOCOL,
+        # Broadcast frames are built once and shared, so they cannot be compressed per socket.
+        ws_per_message_deflate=False,
+        # The socket layer refuses frames over the limit with a clear reason; the WebSocket layer
+        # stops reading anything absurdly larger before it is buffered.
+        ws_max_size=settings.limits.max_frame_bytes * 4,
+        # Liveness is the Phoenix heartbeat (idle timeout); WebSocket pings would only cost timers.
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        backlog=4096,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Runs the background consumers for multi-process deployments (Procfile `worker`).
+
+    No consumer is registered yet: the event pipeline (issue 5) adds the first ones. Until then
+    the worker checks that it can reach the broker and the database and waits for SIGTERM.
+    """
+    from realtime import broker_from_url
+    from store import Database
+
+    async def run() -> int:
+        broker = broker_from_url(settings.broker_url)
+        database = Database(settings.database_url)
+        await broker.start(lambda topic, message: None)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ok = await database.ping()
+        logging.getLogger("viral.worker").info(
+            "worker up: broker=%s database=%s (no consumers registered yet)",
+            settings.broker_url,
+            "ok" if ok else "unreachable",
+        )
+        await stop.wait()
+        await broker.stop()
+        await database.dispose()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    print("migrate: no schema yet; nothing to do (the event store brings the first migration)")
+    return 0
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> int:
+    claims: dict[str, object] = {"sub": args.sub, "role": args.role}
+    if args.minor:
+        claims["minor"] = True
+    if args.subjects:
+        claims["subjects"] = [s for s in args.subjects.split(",") if s]
+    print(TokenVerifier(settings.secret_key).issue(claims, ttl=args.ttl))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viral-engine", description="Real-time growth backend.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the web process (sockets + HTTP API)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run background consumers (multi-process deployments)")
+    worker.set_defaults(func=_worker)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
+    migrate.set_defaults(func=_migrate)
+
+    token = sub.add_parser("token", help="print a signed token for tests and tools")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--role", required=True, choices=ROLES)
+    token.add_argument("--minor", action="store_true", help="the user is under 13 (COPPA rules apply)")
+    token.add_argument("--subjects", default="", help="comma-separated subjects claim")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    token.set_defaults(func=_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    result: int = args.func(args, settings)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
