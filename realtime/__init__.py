@@ -6,7 +6,7 @@ ASGI websocket route, call `start()`/`stop()` from the app's lifespan, and serve
 `ws=PhoenixWebSocketProtocol` for the fast fan-out path.
 """
 
-from .broker import Broker, MemoryBroker, RedisBroker, broker_from_url
+from .broker import Broker, BrokerUnavailable, MemoryBroker, RedisBroker, broker_from_url
 from .channel import NO_REPLY, Channel, JoinError, ReplyError
 from .endpoint import ConnectRefused, PhoenixEndpoint
 from .hub import Hub
@@ -19,6 +19,7 @@ from .tokens import InvalidToken, TokenVerifier
 __all__ = [
     "NO_REPLY",
     "Broker",
+    "BrokerUnavailable",
     "Channel",
     "ConnectRefused",
     "Hub",

@@ -18,9 +18,16 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[str, bytes], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached; the publish did not happen and may be retried."""
 
 
 class Broker(Protocol):
@@ -79,10 +86,8 @@ class RedisBroker:
     CHANNEL_PREFIX = "rt:"
 
     def __init__(self, url: str, *, reconnect_max_delay: float = 2.0) -> None:
-        import redis.asyncio as aioredis
-
         self.url = url
-        self._redis = aioredis.Redis.from_url(url, health_check_interval=10)
+        self._redis = aioredis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=2)
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._topics: set[str] = set()
         self._deliver: Deliver | None = None
@@ -99,9 +104,12 @@ class RedisBroker:
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
         # Fail fast on a wrong URL or a Redis that is not there at start-up.
-        await self._redis.ping()
-        # A pubsub connection needs one subscription before it can be read; this one is ours alone.
-        await self._pubsub.subscribe(self._node_channel)
+        try:
+            await self._redis.ping()
+            # A pubsub connection needs one subscription before it can be read; this one is ours alone.
+            await self._pubsub.subscribe(self._node_channel)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
         self._connected.set()
         self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
         self._probe = asyncio.create_task(self._probe_lag_forever(), name="redis-broker-lag-probe")
@@ -139,7 +147,10 @@ class RedisBroker:
                     await self._pubsub.unsubscribe(self._channel(topic))
 
     async def publish(self, topic: str, message: bytes) -> None:
-        await self._redis.publish(self._channel(topic), message)
+        try:
+            await self._redis.publish(self._channel(topic), message)
+        except RedisError as exc:
+            raise BrokerUnavailable(f"publish to Redis failed: {exc}") from exc
 
     async def ping(self) -> bool:
         try:
@@ -193,7 +204,7 @@ class RedisBroker:
         async with self._sub_lock:
             try:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.reset()
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
                 channels = [self._node_channel, *(self._channel(t) for t in self._topics)]
                 await self._pubsub.subscribe(*channels)
                 self._connected.set()

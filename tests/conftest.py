@@ -55,8 +55,10 @@ def database_url() -> str:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def start(env: dict[str, str] | None = None, port: int | None = None) -> ServerProcess:
-        srv = ServerProcess(tmp_path, env, port).start()
+    def start(
+        env: dict[str, str] | None = None, port: int | None = None, args: tuple[str, ...] = ()
+    ) -> ServerProcess:
+        srv = ServerProcess(tmp_path, env, port, args).start()
         started.append(srv)
         return srv
 
@@ -65,7 +67,13 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
         srv.kill()
 
 
+@pytest.fixture(params=["fast", "websockets-sansio"])
+def ws_impl(request: pytest.FixtureRequest) -> str:
+    """Both I/O layers: direct frame writes, and the portable ASGI path on uvicorn's own protocol."""
+    return str(request.param)
+
+
 @pytest.fixture
-def server(server_factory: Any) -> ServerProcess:
-    srv: ServerProcess = server_factory()
+def server(server_factory: Any, ws_impl: str) -> ServerProcess:
+    srv: ServerProcess = server_factory(args=("--ws", ws_impl))
     return srv

@@ -37,8 +37,15 @@ def free_port() -> int:
 class ServerProcess:
     """A real `viral-engine serve` process on a free loopback port."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
+        self.args = args
         self.tmp = tmp
         self.env = {
             **os.environ,
@@ -66,7 +73,17 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "web.cli", "serve", "--port", str(self.port), "--graceful-timeout", "5"],
+            [
+                sys.executable,
+                "-m",
+                "web.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--graceful-timeout",
+                "5",
+                *self.args,
+            ],
             cwd=self.tmp,
             env={**self.env, "PYTHONPATH": str(ROOT)},
             stdout=log,

@@ -84,8 +84,9 @@ def _slow_dropped(server) -> float:
     raise AssertionError("metric missing")
 
 
-async def test_slow_consumer_is_dropped_while_a_healthy_one_gets_everything_in_order(server_factory):
-    server = server_factory({"WS_OUTBOUND_MAX_BYTES": str(256 * 1024)})
+async def test_slow_consumer_is_dropped_while_a_healthy_one_gets_everything_in_order(server_factory, ws_impl):
+    limits = {"WS_OUTBOUND_MAX_BYTES": str(256 * 1024), "WS_OUTBOUND_MAX_MESSAGES": "64"}
+    server = server_factory(limits, args=("--ws", ws_impl))
     stalled = await asyncio.to_thread(_raw_stalled_client, server.port, make_token("u1"))
     healthy = await _joined(server, "u1")  # the same user in a second tab: same topic
     received: list[int] = []

@@ -63,7 +63,7 @@ def test_wrong_arity_is_refused(value):
 
 @given(
     st.one_of(
-        st.floats(allow_nan=False),
+        st.floats(allow_nan=False, allow_infinity=False),
         st.booleans(),
         st.lists(st.integers(-100, 100), max_size=2),
         st.dictionaries(st.text(), st.integers(-100, 100), max_size=2),

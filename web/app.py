@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from channels import build_router
-from realtime import PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
+from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
 from .auth import require_role
@@ -67,7 +67,15 @@ async def publish(request: Request) -> Response:
         errors["payload"] = "must be a JSON object"
     if errors:
         return ORJSONResponse({"error": "invalid publish request", "fields": errors}, status_code=422)
-    reached = await request.app.state.endpoint.broadcast(topic, event, payload)
+    try:
+        reached = await request.app.state.endpoint.broadcast(topic, event, payload)
+    except BrokerUnavailable as exc:
+        log.warning("publish to %r failed: %s", topic, exc)
+        return ORJSONResponse(
+            {"error": "broker unavailable, nothing was published; retry"},
+            status_code=503,
+            headers={"retry-after": "1"},
+        )
     return ORJSONResponse({"topic": topic, "event": event, "local_subscribers": reached}, status_code=202)
 
 

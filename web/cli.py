@@ -13,7 +13,13 @@ from realtime import TokenVerifier
 from .config import ConfigError, Settings
 
 ROLES = ("student", "parent", "tutor", "admin")
-WS_PROTOCOL = "realtime.uvicorn_protocol:PhoenixWebSocketProtocol"
+# "fast" writes pre-built frames straight to the transport; the others are uvicorn's own
+# implementations driven through plain ASGI (the portable path), kept for comparison and debugging.
+WS_IMPLEMENTATIONS = {
+    "fast": "realtime.uvicorn_protocol:PhoenixWebSocketProtocol",
+    "websockets-sansio": "websockets-sansio",
+    "websockets": "websockets",
+}
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,7 +41,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
-        ws=WS_PROTOCOL,
+        ws=WS_IMPLEMENTATIONS[args.ws],
         # Broadcast frames are built once and shared, so they cannot be compressed per socket.
         ws_per_message_deflate=False,
         # The socket layer refuses frames over the limit with a clear reason; the WebSocket layer
@@ -107,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    serve.add_argument(
+        "--ws",
+        choices=sorted(WS_IMPLEMENTATIONS),
+        default="fast",
+        help="WebSocket implementation (default: fast, direct frame writes)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     serve.set_defaults(func=_serve)
