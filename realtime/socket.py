@@ -99,6 +99,8 @@ class Socket:
         self.last_seen = now = time.monotonic()
         self.stats.frames_in += 1
         size = len(data)
+        if isinstance(data, str) and size > self.limits.max_frame_bytes // 4:
+            size = len(data.encode())  # characters undercount bytes only for non-ASCII text
         if size > self.limits.max_frame_bytes:
             self.stats.oversized_frames += 1
             self.close(
@@ -186,6 +188,7 @@ class Socket:
             self._reply(msg, "error", {"reason": "join crashed"})
             return
         if self.closed:
+            await self._terminate_channel(channel, "closed")
             return
         self.channels[topic] = channel
         await self.hub.subscribe(channel)

@@ -209,3 +209,18 @@ async def test_terminate_ends_every_channel_and_unsubscribes(kit):
     assert sorted(Room.terminated) == [("room:1", "closed"), ("room:2", "closed")]
     assert kit.endpoint.hub.topics() == 0
     assert await kit.endpoint.hub.sweep() == 2
+
+
+async def test_frame_limit_counts_bytes_not_characters(kit):
+    client = kit.connect({"sub": "u1"})
+    text = orjson.dumps([None, "1", "phoenix", "heartbeat", {"x": "é" * 40_000}]).decode()
+    assert len(text) < 65536 < len(text.encode())
+    await client.socket.handle_text(text)
+    assert client.outbound.close_code == 1009
+
+
+async def test_binary_frames_close_with_1003(kit):
+    client = kit.connect({"sub": "u1"})
+    client.socket.handle_binary()
+    assert client.outbound.close_code == 1003
+    assert "binary frames are not supported" in client.outbound.close_reason

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from realtime import TokenVerifier
 
@@ -20,6 +21,24 @@ WS_IMPLEMENTATIONS = {
     "websockets-sansio": "websockets-sansio",
     "websockets": "websockets",
 }
+
+
+def uvicorn_options(settings: Settings, *, ws: str = "fast") -> dict[str, Any]:
+    """The uvicorn settings every web process runs with (the benchmarks reuse them, so they cannot drift)."""
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": WS_IMPLEMENTATIONS[ws],
+        # Broadcast frames are built once and shared, so they cannot be compressed per socket.
+        "ws_per_message_deflate": False,
+        # The socket layer refuses frames over the limit with a clear reason; the WebSocket layer
+        # stops reading anything absurdly larger before it is buffered.
+        "ws_max_size": settings.limits.max_frame_bytes * 4,
+        # Liveness is the Phoenix heartbeat (idle timeout); WebSocket pings would only cost timers.
+        "ws_ping_interval": None,
+        "ws_ping_timeout": None,
+        "backlog": 4096,
+    }
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -39,21 +58,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        ws=WS_IMPLEMENTATIONS[args.ws],
-        # Broadcast frames are built once and shared, so they cannot be compressed per socket.
-        ws_per_message_deflate=False,
-        # The socket layer refuses frames over the limit with a clear reason; the WebSocket layer
-        # stops reading anything absurdly larger before it is buffered.
-        ws_max_size=settings.limits.max_frame_bytes * 4,
-        # Liveness is the Phoenix heartbeat (idle timeout); WebSocket pings would only cost timers.
-        ws_ping_interval=None,
-        ws_ping_timeout=None,
         timeout_graceful_shutdown=args.graceful_timeout,
-        backlog=4096,
         log_level=args.log_level,
         access_log=args.access_log,
+        **uvicorn_options(settings, ws=args.ws),
     )
     return 0
 

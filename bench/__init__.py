@@ -1,0 +1,1 @@
+"""Benchmarks: the broadcast fan-out benchmark (`python -m bench.broadcast`) and its naive baseline server."""

@@ -1,0 +1,754 @@
+"""Broadcast fan-out benchmark: the engine against a naive baseline, same client, same machine, one run.
+
+For each subscriber count and each server (`bench.naive_server`, `bench.engine_app`) the driver:
+
+1. starts the server on a free 127.0.0.1 port and reads its RSS (/proc/PID/status VmRSS);
+2. starts the client (`bench/client.mjs`, split over several Node processes), one socket per distinct
+   user token, all joined to one topic, and reads RSS again → RSS per idle joined socket;
+3. warms up, then runs a saturated phase (one keep-alive publisher, the next `POST /api/publish`
+   as soon as the previous one answered 202, for a fixed duration) and a fixed-rate phase
+   (default 10 broadcasts/s). Each publish carries a sequence number and `sent_at`, the
+   publisher's CLOCK_MONOTONIC in ms, which the client also reads (see client.mjs);
+4. reads utime+stime of the server, of each Node process and of the whole machine (/proc) at the
+   start and end of each phase → server CPU µs per delivered frame, server and client utilisation;
+5. checks delivery from the client's per-socket counts: every socket got every broadcast, in order.
+
+Run from the repo root: `.venv/bin/python -m bench.broadcast [--subscribers 1000,5000] [--duration S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+from rich.console import Console
+from rich.table import Table
+
+from realtime import TokenVerifier
+
+from .common import BENCH_SECRET, EVENT, TOPIC, raise_nofile_limit
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_JS = ROOT / "bench" / "client.mjs"
+SERVERS = {"naive": "bench.naive_server", "engine": "bench.engine_app"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# With sent_at rounded to µs, this makes the push payload 64 bytes of JSON.
+PAD = "x" * 20
+TARGET_RATIO = 1.5
+
+console = Console(stderr=True)
+
+
+# /proc readings.
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # After "pid (comm)": state is fields[0], so utime (field 14) and stime (15) are at 11 and 12.
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds over all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+async def background_load(seconds: float = 1.0) -> float:
+    """Cores kept busy by whatever else runs on the machine right now."""
+    busy0, total0 = machine_cpu()
+    await asyncio.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return (busy1 - busy0) / max(total1 - total0, 1e-9) * (os.cpu_count() or 1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def monotonic_ms() -> float:
+    return time.monotonic_ns() / 1e6
+
+
+# Processes.
+
+
+class ServerProcess:
+    def __init__(self, kind: str, port: int, workdir: Path) -> None:
+        self.kind = kind
+        self.port = port
+        self.log_path = workdir / f"server-{kind}-{port}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        env = {
+            **os.environ,
+            "SECRET_KEY": BENCH_SECRET,
+            "BROKER_URL": "memory://",
+            "DATABASE_URL": "sqlite+aiosqlite:///:memory:",
+            "ENV": "development",
+        }
+        with self.log_path.open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                SERVERS[self.kind],
+                "--port",
+                str(self.port),
+                cwd=ROOT,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.kind} server exited at start-up:\n{self.log_tail()}")
+            with contextlib.suppress(OSError):
+                status, _ = await http_request(self.port, "GET", "/healthz")
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.kind} server not ready after 20s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 15)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class ClientProcess:
+    """One Node process of the bench client; JSON lines in both directions."""
+
+    def __init__(self, name: str, config_path: Path, log_path: Path) -> None:
+        self.name = name
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, node: str, node_args: list[str]) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                node,
+                *node_args,
+                str(CLIENT_JS),
+                str(self.config_path),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                limit=64 << 20,
+            )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            await self.messages.put(orjson.loads(line))
+        await self.messages.put({"type": "exited"})
+
+    async def send(self, command: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(orjson.dumps(command) + b"\n")
+        await self.proc.stdin.drain()
+
+    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.messages.get()
+                if message["type"] == kind:
+                    return message
+                if message["type"] == "exited":
+                    raise RuntimeError(f"client {self.name} exited: {self.log_path.read_text()[-2000:]}")
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.send({"cmd": "quit"})
+                await asyncio.wait_for(self.proc.wait(), 5)
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+# HTTP.
+
+
+async def http_request(port: int, method: str, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class Publisher:
+    """`POST /api/publish` over one keep-alive connection, one request in flight, raw HTTP/1.1."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self._head = (
+            f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """(Re)connect: call before each phase, as the server closes idle keep-alive connections (5 s)."""
+        await self.close()
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+            self._reader = self._writer = None
+
+    async def publish(self, seq: int) -> float:
+        """Publish tick `seq`, stamped now; returns the round trip (fan-out included) in seconds."""
+        assert self._reader is not None and self._writer is not None
+        sent_at = monotonic_ms()
+        payload = {"seq": seq, "sent_at": round(sent_at, 3), "pad": PAD}
+        body = orjson.dumps({"topic": TOPIC, "event": EVENT, "payload": payload})
+        self._writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status_line = await self._reader.readline()
+        length = 0
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        response = await self._reader.readexactly(length)
+        status = int(status_line.split(b" ", 2)[1])
+        if status != 202:
+            raise RuntimeError(f"publish answered {status}: {response[:200]!r}")
+        return time.monotonic_ns() / 1e6 - sent_at
+
+
+# Results.
+
+
+def percentile(bins: list[tuple[float, float, int]], q: float) -> float | None:
+    """The value at quantile q of a histogram of (low, high, count) bins: the bin's midpoint."""
+    total = sum(count for _, _, count in bins)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for low, high, count in bins:
+        seen += count
+        if seen >= rank:
+            return low if high == float("inf") else round((low + high) / 2, 3)
+    return bins[-1][0]
+
+
+def merge_hists(reports: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    merged: dict[tuple[float, float], int] = {}
+    for report in reports:
+        for low, high, count in report["hist"]:
+            key = (float(low), float("inf") if high is None else float(high))
+            merged[key] = merged.get(key, 0) + int(count)
+    return sorted((low, high, count) for (low, high), count in merged.items())
+
+
+@dataclass
+class PhaseSpec:
+    name: str
+    duration: float
+    rate: float | None  # None: saturate
+
+
+async def run_phase(
+    spec: PhaseSpec,
+    clients: list[ClientProcess],
+    publisher: Publisher,
+    server: ServerProcess,
+    first_seq: int,
+    joined: int,
+) -> tuple[dict[str, Any], int]:
+    for client in clients:
+        await client.send({"cmd": "phase", "name": spec.name, "first_seq": first_seq})
+    for client in clients:
+        await client.expect("phase_started", 10)
+    await publisher.connect()
+
+    server_split0 = proc_cpu_split(server.pid)
+    client_split0 = [proc_cpu_split(c.pid) for c in clients]
+    busy0, total0 = machine_cpu()
+    driver0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+
+    seq = first_seq
+    round_trips: list[float] = []
+    late = 0
+    if spec.rate is None:
+        while time.monotonic() - t0 < spec.duration:
+            round_trips.append(await publisher.publish(seq))
+            seq += 1
+    else:
+        interval = 1.0 / spec.rate
+        for i in range(max(1, round(spec.duration * spec.rate))):
+            delay = t0 + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -interval / 2:
+                late += 1
+            round_trips.append(await publisher.publish(seq))
+            seq += 1
+    t_published = time.monotonic()
+    last_seq = seq - 1
+
+    for client in clients:
+        await client.send({"cmd": "end", "last_seq": last_seq, "timeout_ms": 10000})
+    reports = [await client.expect("phase", 120) for client in clients]
+    t1 = time.monotonic()
+    server_split1 = proc_cpu_split(server.pid)
+    client_split1 = [proc_cpu_split(c.pid) for c in clients]
+    server_user = server_split1[0] - server_split0[0]
+    server_cpu = sum(server_split1) - sum(server_split0)
+    client_user = sum(c1[0] - c0[0] for c0, c1 in zip(client_split0, client_split1, strict=True))
+    client_cpu = [sum(c1) - sum(c0) for c0, c1 in zip(client_split0, client_split1, strict=True)]
+    busy1, total1 = machine_cpu()
+    driver1 = resource.getrusage(resource.RUSAGE_SELF)
+    driver_cpu = (driver1.ru_utime + driver1.ru_stime) - (driver0.ru_utime + driver0.ru_stime)
+
+    machine_busy = (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+    broadcasts = last_seq - first_seq + 1
+    frames = sum(r["frames"] for r in reports)
+    expected = broadcasts * joined
+    last_recv = max(r["last_recv_ms"] for r in reports) / 1e3
+    window = max(last_recv - t0, 1e-9) if frames else t1 - t0
+    wall = t1 - t0
+    bins = merge_hists(reports)
+    lat_sum = sum(r["lat_sum_ms"] for r in reports)
+    round_trips.sort()
+    result = {
+        "mode": "saturated" if spec.rate is None else f"fixed {spec.rate:g}/s",
+        "duration_s": spec.duration,
+        "broadcasts": broadcasts,
+        "publish_rate": broadcasts / (t_published - t0),
+        "publishes_late": late,
+        "publish_rtt_ms_p50": round_trips[len(round_trips) // 2] if round_trips else None,
+        "expected_frames": expected,
+        "delivered_frames": frames,
+        "dropped_frames": sum(r["missing"] for r in reports),
+        "complete_sockets": sum(r["complete"] for r in reports),
+        "sockets": joined,
+        "sockets_still_open": sum(r["open"] for r in reports),
+        "gaps": sum(r["gaps"] for r in reports),
+        "out_of_order": sum(r["disorder"] for r in reports),
+        "incomplete_sample": [i for r in reports for i in r["incomplete"]][:10],
+        "client_timed_out": any(r["timed_out"] for r in reports),
+        "close_codes": [r["close_codes"] for r in reports],
+        "unexpected_messages": sum(r["unexpected"] for r in reports),
+        "ticks_outside_phase": sum(r["outside_phase"] for r in reports),
+        "delivery_window_s": window,
+        # Last frame received after the last publish answered (negative: before the 202 was read).
+        "drain_after_last_publish_ms": (last_recv - t_published) * 1e3 if frames else None,
+        "frames_per_s": frames / window if frames else 0.0,
+        "server_cpu_s": server_cpu,
+        "server_cpu_us_per_frame": server_cpu * 1e6 / frames if frames else None,
+        "server_utilisation": server_cpu / wall,
+        "server_user_us_per_frame": server_user * 1e6 / frames if frames else None,
+        "server_user_share": server_user / server_cpu if server_cpu else None,
+        "client_cpu_s": client_cpu,
+        "client_utilisation": [c / wall for c in client_cpu],
+        "client_cpu_us_per_frame": sum(client_cpu) * 1e6 / frames if frames else None,
+        "client_user_share": client_user / sum(client_cpu) if sum(client_cpu) else None,
+        "driver_cpu_s": driver_cpu,
+        "machine_busy_cores": machine_busy,
+        # CPU used by processes outside this benchmark (should be ~0: the machine must be otherwise idle).
+        "other_busy_cores": max(0.0, machine_busy - (server_cpu + sum(client_cpu) + driver_cpu) / wall),
+        "latency_ms": {
+            "p50": percentile(bins, 0.50),
+            "p99": percentile(bins, 0.99),
+            "p999": percentile(bins, 0.999),
+            "max": max(r["lat_max_ms"] for r in reports) if frames else None,
+            "min": min(r["lat_min_ms"] for r in reports) if frames else None,
+            "mean": lat_sum / frames if frames else None,
+            "negative_samples": sum(r["negative_latencies"] for r in reports),
+        },
+    }
+    return result, seq
+
+
+async def check_clock(clients: list[ClientProcess]) -> dict[str, Any]:
+    """The client's clock must read between two of ours: proof both use the same monotonic clock."""
+    worst = 0.0
+    ok = True
+    for client in clients:
+        for _ in range(5):
+            before = monotonic_ms()
+            await client.send({"cmd": "clock"})
+            reading = (await client.expect("clock", 5))["clock_ms"]
+            after = monotonic_ms()
+            # 0.05 ms of slack for the offset calibration in the client.
+            ok = ok and before - 0.05 <= reading <= after + 0.05
+            worst = max(worst, after - before)
+    return {"same_clock": ok, "max_round_trip_ms": worst}
+
+
+async def run_server(
+    kind: str, n: int, tokens: list[str], admin_token: str, args: argparse.Namespace, workdir: Path, node: str
+) -> dict[str, Any]:
+    server = ServerProcess(kind, free_port(), workdir)
+    clients: list[ClientProcess] = []
+    publisher = Publisher(server.port, admin_token)
+    result: dict[str, Any] = {"server": kind, "subscribers": n}
+    try:
+        await server.start()
+        await publisher.connect()
+        # One publish to an empty topic, so the baseline RSS includes a warmed-up HTTP path.
+        await publisher.publish(-1)
+        await asyncio.sleep(0.5)
+        rss_before = proc_rss_kb(server.pid)
+
+        shares = [
+            tokens[i * n // args.client_procs : (i + 1) * n // args.client_procs]
+            for i in range(args.client_procs)
+        ]
+        for i, share in enumerate(shares):
+            config = {
+                "name": f"c{i}",
+                "url": f"ws://127.0.0.1:{server.port}/socket/websocket?vsn=2.0.0",
+                "topic": TOPIC,
+                "event": EVENT,
+                "tokens": share,
+                "connect_concurrency": args.connect_concurrency,
+                "heartbeat_ms": 30000,
+            }
+            path = workdir / f"client-{kind}-{n}-{i}.json"
+            path.write_bytes(orjson.dumps(config))
+            clients.append(ClientProcess(f"c{i}", path, workdir / f"client-{kind}-{n}-{i}.log"))
+        t_connect = time.monotonic()
+        for client in clients:
+            await client.start(node, args.node_arg)
+        ready = [await client.expect("ready", 60 + n / 50) for client in clients]
+        connect_s = time.monotonic() - t_connect
+        joined = sum(r["joined"] for r in ready)
+        failed = sum(r["failed"] for r in ready)
+        result["connect_s"] = connect_s
+        result["joined"] = joined
+        result["join_failures"] = failed
+        if failed:
+            result["join_errors"] = [e for r in ready for e in r["errors"]][:10]
+            console.print(f"[red]{kind}: {failed} of {n} sockets failed to join: {result['join_errors']}")
+        await asyncio.sleep(args.settle)
+        rss_after = proc_rss_kb(server.pid)
+        result["rss_before_kb"] = rss_before
+        result["rss_joined_kb"] = rss_after
+        result["rss_per_socket_kb"] = (rss_after - rss_before) / max(joined, 1)
+        result["clock"] = await check_clock(clients)
+        console.print(
+            f"  {kind} n={n}: {joined} joined in {connect_s:.1f}s, "
+            f"RSS {rss_before / 1024:.1f} → {rss_after / 1024:.1f} MiB; clock {result['clock']}"
+        )
+
+        seq = 0
+        phases: dict[str, Any] = {}
+        specs = [PhaseSpec("warmup", args.warmup, None)]
+        if args.saturate:
+            specs.append(PhaseSpec("saturated", args.duration, None))
+        if args.rate:
+            specs.append(PhaseSpec("fixed_rate", args.rate_duration or args.duration, args.rate))
+        for spec in specs:
+            if spec.duration <= 0:
+                continue
+            phase, seq = await run_phase(spec, clients, publisher, server, seq, joined)
+            if not server.alive():
+                raise RuntimeError(f"{kind} server died during {spec.name}:\n{server.log_tail()}")
+            phases[spec.name] = phase
+            lat = phase["latency_ms"]
+            clients_util = "+".join(f"{u:.0%}" for u in phase["client_utilisation"])
+            console.print(
+                f"    {spec.name:<10} {phase['broadcasts']:>6} broadcasts, "
+                f"{phase['frames_per_s']:>9,.0f} frames/s, "
+                f"{fmt(phase['server_cpu_us_per_frame'], '6.2f')} us/frame, "
+                f"server {phase['server_utilisation']:.0%}, clients {clients_util}, "
+                f"p50 {fmt(lat['p50'], '.2f')} p99 {fmt(lat['p99'], '.2f')} ms, "
+                f"drain {fmt(max(0.0, phase['drain_after_last_publish_ms'] or 0.0), '.0f')} ms, "
+                f"dropped {phase['dropped_frames']}, out of order {phase['out_of_order']}, "
+                f"other load {phase['other_busy_cores']:.2f} cores"
+            )
+        result["phases"] = phases
+        result["server_log_tail"] = server.log_tail(10)
+        return result
+    finally:
+        await publisher.close()
+        for client in clients:
+            await client.stop()
+        await server.stop()
+
+
+# Reporting.
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    by_key = {(r["server"], r["subscribers"]): r for r in runs}
+    for n in sorted({r["subscribers"] for r in runs}):
+        naive, engine = by_key.get(("naive", n)), by_key.get(("engine", n))
+        if not naive or not engine:
+            continue
+        entry: dict[str, Any] = {"subscribers": n}
+        sat_n, sat_e = naive["phases"].get("saturated"), engine["phases"].get("saturated")
+        if sat_n and sat_e and sat_n["server_cpu_us_per_frame"] and sat_e["server_cpu_us_per_frame"]:
+            entry["frames_per_s_ratio"] = sat_e["frames_per_s"] / sat_n["frames_per_s"]
+            entry["cpu_per_frame_ratio"] = sat_n["server_cpu_us_per_frame"] / sat_e["server_cpu_us_per_frame"]
+            entry["meets_target"] = (
+                entry["frames_per_s_ratio"] >= TARGET_RATIO and entry["cpu_per_frame_ratio"] >= TARGET_RATIO
+            )
+        entry["rss_per_socket_ratio"] = naive["rss_per_socket_kb"] / max(engine["rss_per_socket_kb"], 1e-9)
+        entry["identical_delivery"] = all(
+            p["dropped_frames"] == 0
+            and p["out_of_order"] == 0
+            and p["complete_sockets"] == p["sockets"]
+            and p["delivered_frames"] == p["expected_frames"]
+            for r in (naive, engine)
+            for p in r["phases"].values()
+        )
+        out.append(entry)
+    return out
+
+
+def print_table(runs: list[dict[str, Any]], compared: list[dict[str, Any]]) -> None:
+    table = Table(title="Broadcast fan-out: one topic, 64-byte payload, Phoenix V2 frames")
+    for column in (
+        "subs",
+        "server",
+        "frames/s (sat.)",
+        "CPU µs/frame",
+        "of it user",
+        "server CPU",
+        "clients CPU",
+        "p50 / p99 ms (sat.)",
+        "p50 / p99 ms (fixed)",
+        "RSS/socket",
+        "dropped",
+    ):
+        table.add_column(column, justify="right")
+    for run in runs:
+        sat = run["phases"].get("saturated", {})
+        fixed = run["phases"].get("fixed_rate", {})
+        sat_lat, fixed_lat = sat.get("latency_ms", {}), fixed.get("latency_ms", {})
+        dropped = sum(p["dropped_frames"] + p["out_of_order"] for p in run["phases"].values())
+        table.add_row(
+            str(run["subscribers"]),
+            run["server"],
+            fmt(sat.get("frames_per_s"), ",.0f"),
+            fmt(sat.get("server_cpu_us_per_frame"), ".2f"),
+            fmt(sat.get("server_user_us_per_frame"), ".2f"),
+            fmt(sat.get("server_utilisation"), ".0%"),
+            fmt(sum(sat.get("client_utilisation", [])) or None, ".0%"),
+            f"{fmt(sat_lat.get('p50'), '.1f')} / {fmt(sat_lat.get('p99'), '.1f')}",
+            f"{fmt(fixed_lat.get('p50'), '.1f')} / {fmt(fixed_lat.get('p99'), '.1f')}",
+            f"{run['rss_per_socket_kb']:.1f} KB",
+            str(dropped),
+        )
+    out = Console(width=None if sys.stdout.isatty() else 150)
+    out.print(table)
+    for entry in compared:
+        verdict = "[green]meets" if entry.get("meets_target") else "[red]misses"
+        frames_ratio = fmt(entry.get("frames_per_s_ratio"), ".2f")
+        cpu_ratio = fmt(entry.get("cpu_per_frame_ratio"), ".2f")
+        out.print(
+            f"n={entry['subscribers']}: engine vs naive: frames/s {frames_ratio}x higher, "
+            f"CPU per frame {cpu_ratio}x lower, RSS per socket {entry['rss_per_socket_ratio']:.1f}x lower: "
+            f"{verdict} the {TARGET_RATIO}x target[/]; "
+            f"identical delivery (no drops, in order): {entry['identical_delivery']}"
+        )
+
+
+def environment(node: str) -> dict[str, Any]:
+    versions = {}
+    for package in ("uvicorn", "starlette", "websockets", "uvloop", "httptools", "orjson"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    ws_pkg = ROOT / "tests" / "js" / "node_modules" / "ws" / "package.json"
+    with contextlib.suppress(OSError, ValueError):
+        versions["node ws"] = json.loads(ws_pkg.read_text())["version"]
+    node_version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "node": node_version,
+        "versions": versions,
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.broadcast", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", default="1000,5000", help="comma-separated subscriber counts")
+    parser.add_argument("--servers", default="naive,engine", help="which servers, in order")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of the saturated phase")
+    parser.add_argument(
+        "--saturate", action=argparse.BooleanOptionalAction, default=True, help="run the saturated phase"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=10.0, help="broadcasts/s of the fixed-rate phase (0: skip)"
+    )
+    parser.add_argument("--rate-duration", type=float, default=None, help="seconds of the fixed-rate phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unreported saturated warm-up")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds idle before reading joined RSS")
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="Node processes the sockets are split over"
+    )
+    parser.add_argument(
+        "--connect-concurrency", type=int, default=100, help="handshakes in flight per process"
+    )
+    parser.add_argument(
+        "--node-arg", action="append", default=[], help="extra node flag for the client (e.g. --cpu-prof)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results file (default bench/results/broadcast-…)"
+    )
+    return parser.parse_args(argv)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("node is not on PATH: the bench client is a Node program (make node)")
+    if not (ROOT / "tests" / "js" / "node_modules" / "ws").is_dir():
+        raise SystemExit("tests/js/node_modules/ws is missing: run `make node`")
+    counts = [int(c) for c in args.subscribers.split(",") if c.strip()]
+    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in SERVERS:
+            raise SystemExit(f"unknown server {kind!r}: choose from {', '.join(SERVERS)}")
+    verifier = TokenVerifier(BENCH_SECRET)
+    # Distinct users, as real clients are: socket i authenticates as user u{i}.
+    tokens = [verifier.issue({"sub": f"u{i}", "role": "student"}, ttl=3600) for i in range(max(counts))]
+    admin_token = verifier.issue({"sub": "bench-admin", "role": "admin"}, ttl=3600)
+    started = dt.datetime.now(dt.UTC)
+    idle_load = await background_load()
+    if idle_load > 0.2:
+        console.print(
+            f"[yellow]warning: the machine is not idle ({idle_load:.2f} cores busy before the benchmark); "
+            "frames/s and latency will suffer, CPU per frame much less so"
+        )
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-broadcast-") as tmp:
+        for n in counts:
+            for kind in kinds:
+                console.print(f"[bold]{kind}[/] with {n} subscribers")
+                runs.append(await run_server(kind, n, tokens[:n], admin_token, args, Path(tmp), node))
+    compared = comparisons(runs)
+    return {
+        "benchmark": "broadcast",
+        "started_at": started.isoformat(timespec="seconds"),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": environment(node),
+        "background_load_cores": idle_load,
+        "method": {
+            "payload_bytes": len(orjson.dumps({"seq": 0, "sent_at": 123456789.123, "pad": PAD})),
+            "publisher": "one keep-alive HTTP/1.1 connection, next POST after the previous 202",
+            "clock": "sent_at = CLOCK_MONOTONIC ms in the driver; the client reads the same clock",
+            "cpu": "utime+stime from /proc/PID/stat over each phase, until the client saw the last frame",
+            "rss": "VmRSS after all sockets joined minus before any connected, divided by sockets",
+        },
+        "runs": runs,
+        "comparisons": compared,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile_limit()  # inherited by the server and Node processes
+    os.chdir(ROOT)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        results = runner.run(main_async(args))
+    out = args.out or ROOT / "bench" / "results" / f"broadcast-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    if args.json:
+        sys.stdout.write(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_table(results["runs"], results["comparisons"])
+    console.print(f"results written to {out}")
+    # Non-zero when the engine misses the target or any socket missed or reordered a frame.
+    ok = all(c.get("meets_target", True) and c["identical_delivery"] for c in results["comparisons"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
