@@ -2,13 +2,17 @@
 
 from realtime import Router
 
+from .context import ChannelContext
+from .presence import GlobalPresenceChannel, SubjectPresenceChannel
 from .user import UserChannel
 
-__all__ = ["UserChannel", "build_router"]
+__all__ = ["ChannelContext", "GlobalPresenceChannel", "SubjectPresenceChannel", "UserChannel", "build_router"]
 
 
 def build_router() -> Router:
     """Every topic the product serves, mapped to its channel (SPEC §7)."""
     router = Router()
     router.channel("user:*", UserChannel)
+    router.channel("presence:subject:*", SubjectPresenceChannel)
+    router.channel("presence:global", GlobalPresenceChannel)
     return router

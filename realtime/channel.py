@@ -58,6 +58,11 @@ class Channel:
         """The verified token claims of the socket's user."""
         return self.socket.claims
 
+    @property
+    def context(self) -> Any:
+        """The application's services, as given to `PhoenixEndpoint(context=...)`."""
+        return self.socket.context
+
     async def join(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """Authorise the join and return the reply's response; raise JoinError to refuse."""
         raise JoinError("join not allowed")

@@ -51,6 +51,7 @@ class PhoenixEndpoint:
         stats: RealtimeStats | None = None,
         on_connect: ConnectHook | None = None,
         sweep_interval: float | None = None,
+        context: Any = None,
     ) -> None:
         self.router = router
         self.verifier = verifier
@@ -58,6 +59,8 @@ class PhoenixEndpoint:
         self.stats = stats or RealtimeStats()
         self.hub = Hub(broker, self.stats)
         self.on_connect = on_connect
+        # Whatever the application's channels need (services, settings); handed to every socket.
+        self.context = context
         self.sockets: set[Socket] = set()
         self._sweep_interval = sweep_interval or max(0.5, min(5.0, self.limits.idle_timeout / 4))
         self._sweeper: asyncio.Task[None] | None = None
@@ -137,7 +140,13 @@ class PhoenixEndpoint:
         else:
             outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
         sock = Socket(
-            claims, outbound, hub=self.hub, router=self.router, limits=self.limits, stats=self.stats
+            claims,
+            outbound,
+            hub=self.hub,
+            router=self.router,
+            limits=self.limits,
+            stats=self.stats,
+            context=self.context,
         )
         self.sockets.add(sock)
         self.stats.sockets_opened += 1

@@ -8,6 +8,7 @@ writes that same frame to each local subscriber. Nothing on this path awaits a c
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Listener = Callable[[bytes], None]
+
 
 class Hub:
     def __init__(self, broker: Broker, stats: RealtimeStats) -> None:
@@ -30,7 +33,9 @@ class Hub:
         self._subscribers: dict[str, dict[Channel, None]] = {}
         # topic -> how many of its channels intercept some events (0 means pure fast lane).
         self._intercepting: dict[str, int] = {}
-        # Topics this node is subscribed to at the broker (a superset of _subscribers' keys).
+        # In-process listeners (server-side subscribers, e.g. presence replication): topic -> callbacks.
+        self._listeners: dict[str, list[Listener]] = {}
+        # Topics this node is subscribed to at the broker (a superset of the keys of both maps above).
         self._broker_topics: set[str] = set()
 
     async def start(self) -> None:
@@ -54,9 +59,24 @@ class Hub:
         subs[channel] = None
         if channel.intercept:
             self._intercepting[topic] = self._intercepting.get(topic, 0) + 1
+        await self._ensure_broker_subscription(topic)
+
+    async def _ensure_broker_subscription(self, topic: str) -> None:
         if topic not in self._broker_topics:
             self._broker_topics.add(topic)
             await self.broker.subscribe(topic)
+
+    async def listen(self, topic: str, listener: Listener) -> None:
+        """Call `listener(message_bytes)` for every broadcast on `topic` reaching this node."""
+        self._listeners.setdefault(topic, []).append(listener)
+        await self._ensure_broker_subscription(topic)
+
+    def unlisten(self, topic: str, listener: Listener) -> None:
+        listeners = self._listeners.get(topic)
+        if listeners and listener in listeners:
+            listeners.remove(listener)
+            if not listeners:
+                del self._listeners[topic]
 
     def unsubscribe(self, channel: Channel) -> None:
         """Forget a channel now; the broker subscription of an emptied topic goes at the next sweep,
@@ -77,7 +97,7 @@ class Hub:
 
     async def sweep(self) -> int:
         """Drop broker subscriptions of topics nobody here listens to any more; returns how many."""
-        idle = [topic for topic in self._broker_topics if topic not in self._subscribers]
+        idle = [t for t in self._broker_topics if t not in self._subscribers and t not in self._listeners]
         for topic in idle:
             # Removed before the await, so a concurrent subscribe() re-subscribes after us, in order.
             self._broker_topics.discard(topic)
@@ -92,8 +112,27 @@ class Hub:
         await self.broker.publish(topic, message)
         return local
 
+    async def publish_raw(self, topic: str, message: bytes) -> None:
+        """Publish bytes that only listeners read (node-to-node traffic, not a Phoenix frame)."""
+        await self.broker.publish(topic, message)
+
+    def push_local(self, topic: str, event: str, payload: Any) -> int:
+        """Push to this node's subscribers of `topic` only (each node computes its own: presence diffs)."""
+        self._fan_out(topic, serializer.encode_broadcast(topic, event, payload))
+        return self.local_count(topic)
+
     def deliver(self, topic: str, message: bytes) -> None:
         """Called by the broker with an encoded broadcast: one frame built, written to every subscriber."""
+        listeners = self._listeners.get(topic)
+        if listeners:
+            for listener in list(listeners):
+                try:
+                    listener(message)
+                except Exception:
+                    log.exception("listener on %r failed", topic)
+        self._fan_out(topic, message)
+
+    def _fan_out(self, topic: str, message: bytes) -> None:
         subs = self._subscribers.get(topic)
         if not subs:
             return

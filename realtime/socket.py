@@ -55,6 +55,7 @@ class Socket:
         "channels",
         "claims",
         "closed",
+        "context",
         "hub",
         "last_seen",
         "limits",
@@ -72,8 +73,10 @@ class Socket:
         router: Router,
         limits: SocketLimits,
         stats: RealtimeStats,
+        context: Any = None,
     ) -> None:
         self.claims = claims
+        self.context = context
         self.outbound = outbound
         self.hub = hub
         self.router = router

@@ -93,6 +93,7 @@ class ChannelTestKit:
         broker: Broker | None = None,
         limits: SocketLimits | None = None,
         secret: str = "test-secret",
+        context: Any = None,
     ) -> None:
         self.endpoint = PhoenixEndpoint(
             router=router,
@@ -100,6 +101,7 @@ class ChannelTestKit:
             broker=broker or MemoryBroker(),
             limits=limits,
             stats=RealtimeStats(),
+            context=context,
         )
 
     async def start(self) -> None:
@@ -111,6 +113,14 @@ class ChannelTestKit:
     def connect(self, claims: dict[str, Any]) -> TestClient:
         outbound = RecordingOutbound()
         ep = self.endpoint
-        sock = Socket(claims, outbound, hub=ep.hub, router=ep.router, limits=ep.limits, stats=ep.stats)
+        sock = Socket(
+            claims,
+            outbound,
+            hub=ep.hub,
+            router=ep.router,
+            limits=ep.limits,
+            stats=ep.stats,
+            context=ep.context,
+        )
         ep.sockets.add(sock)
         return TestClient(sock, outbound)

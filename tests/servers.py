@@ -132,3 +132,110 @@ async def recv_json(ws: Any, timeout: float = 5.0) -> Any:
 
 async def send_json(ws: Any, frame: list[Any]) -> None:
     await ws.send(orjson.dumps(frame).decode())
+
+
+class PhxClient:
+    """A minimal Phoenix V2 client over `websockets`, keeping every frame it receives."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.frames: list[list[Any]] = []
+        self._ref = 0
+        self.join_refs: dict[str, str] = {}
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> PhxClient:
+        import websockets
+
+        return cls(await websockets.connect(url, **kwargs))
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.frames.append(orjson.loads(raw))
+                self._changed.set()
+        self._changed.set()
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> list[Any]:
+        """The first received frame (old or new) for which predicate(frame) is true."""
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for frame in self.frames[seen:]:
+                    if predicate(frame):
+                        return frame
+                seen = len(self.frames)
+                if self._reader.done():
+                    raise AssertionError(f"socket closed; frames: {self.frames[-5:]!r}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def request(self, topic: str, event: str, payload: Any) -> dict[str, Any]:
+        self._ref += 1
+        ref = str(self._ref)
+        if event == "phx_join":
+            self.join_refs[topic] = ref
+        join_ref = self.join_refs.get(topic)
+        await self.ws.send(orjson.dumps([join_ref, ref, topic, event, payload]).decode())
+        frame = await self.wait_for(lambda f: f[1] == ref and f[3] == "phx_reply")
+        return dict(frame[4])
+
+    async def join(self, topic: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self.request(topic, "phx_join", params or {})
+
+    def events(self, topic: str, event: str) -> list[Any]:
+        return [f[4] for f in self.frames if f[2] == topic and f[3] == event]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+# Presence, tuned for tests: quick batches, heartbeats and node expiry.
+TOPIC = "presence:subject:algebra"
+FAST_PRESENCE = {
+    "PRESENCE_DIFF_INTERVAL": "0.05",
+    "PRESENCE_HEARTBEAT_INTERVAL": "0.5",
+    "PRESENCE_NODE_TIMEOUT": "3",
+}
+
+
+def is_event(topic: str, event: str):
+    return lambda f: f[2] == topic and f[3] == event
+
+
+def keys(state: dict) -> dict[str, int]:
+    return {key: len(value["metas"]) for key, value in state.items()}
+
+
+class Roster:
+    """What a Phoenix Presence client keeps: state, then diffs applied in order (joins, then leaves)."""
+
+    def __init__(self, client: PhxClient, topic: str) -> None:
+        self.client, self.topic = client, topic
+
+    def current(self) -> dict[str, list[dict]]:
+        roster: dict[str, dict[str, dict]] = {}
+        for frame in self.client.frames:
+            if frame[2] != self.topic:
+                continue
+            if frame[3] == "presence_state":
+                roster = {k: {m["phx_ref"]: m for m in v["metas"]} for k, v in frame[4].items()}
+            elif frame[3] == "presence_diff":
+                for key, value in frame[4]["joins"].items():
+                    roster.setdefault(key, {}).update({m["phx_ref"]: m for m in value["metas"]})
+                for key, value in frame[4]["leaves"].items():
+                    for meta in value["metas"]:
+                        roster.get(key, {}).pop(meta["phx_ref"], None)
+                    if not roster.get(key):
+                        roster.pop(key, None)
+        return {k: list(v.values()) for k, v in roster.items()}
+
+    async def until(self, expected: dict[str, int], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while {k: len(v) for k, v in self.current().items()} != expected:
+                await asyncio.sleep(0.02)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from channels import build_router
+from channels import ChannelContext, build_router
+from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
@@ -59,6 +61,8 @@ async def publish(request: Request) -> Response:
     errors = {}
     if not isinstance(topic, str) or not topic:
         errors["topic"] = "must be a non-empty string"
+    elif topic.startswith("__"):
+        errors["topic"] = "topics starting with '__' are internal to the server"
     if not isinstance(event, str) or not event:
         errors["event"] = "must be a non-empty string"
     elif event in RESERVED_EVENTS:
@@ -122,14 +126,21 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         stats=RealtimeStats(),
     )
     database = Database(settings.database_url)
+    tracker = PresenceTracker(endpoint.hub, settings.presence)
+    endpoint.context = ChannelContext(
+        presence=tracker,
+        pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await endpoint.start()
-        log.info("viral-engine ready: broker=%s", settings.broker_url)
+        await tracker.start()
+        log.info("viral-engine ready: broker=%s node=%s", settings.broker_url, tracker.node)
         try:
             yield
         finally:
+            await tracker.stop()
             await endpoint.stop()
             await database.dispose()
 
@@ -146,5 +157,6 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     app.state.verifier = verifier
     app.state.endpoint = endpoint
     app.state.database = database
+    app.state.presence = tracker
     app.state.registry = build_registry(endpoint)
     return app

@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from presence import PresenceConfig
 from realtime import SocketLimits
 
 log = logging.getLogger(__name__)
 
 DEV_SECRET_FILE = Path(".viral-engine-secret")
 _D = SocketLimits()
+_P = PresenceConfig()
 
 
 class ConfigError(Exception):
@@ -79,6 +81,7 @@ class Settings:
     old_secret_keys: tuple[str, ...] = ()
     ai_providers: tuple[str, ...] = ()
     limits: SocketLimits = field(default_factory=SocketLimits)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
     max_body_bytes: int = 1 << 20
 
     @classmethod
@@ -106,6 +109,13 @@ class Settings:
             outbound_max_messages=_int(env, "WS_OUTBOUND_MAX_MESSAGES", _D.outbound_max_messages),
             idle_timeout=_float(env, "WS_IDLE_TIMEOUT", _D.idle_timeout),
         )
+        presence = PresenceConfig(
+            diff_interval=_float(env, "PRESENCE_DIFF_INTERVAL", _P.diff_interval),
+            heartbeat_interval=_float(env, "PRESENCE_HEARTBEAT_INTERVAL", _P.heartbeat_interval),
+            node_timeout=_float(env, "PRESENCE_NODE_TIMEOUT", _P.node_timeout),
+        )
+        if presence.node_timeout <= 2 * presence.heartbeat_interval:
+            raise ConfigError("PRESENCE_NODE_TIMEOUT must be more than twice PRESENCE_HEARTBEAT_INTERVAL")
         old = tuple(k for k in env.get("SECRET_KEY_OLD", "").split(",") if k)
         providers = tuple(p.strip() for p in env.get("AI_PROVIDERS", "").split(",") if p.strip())
         return cls(
@@ -117,6 +127,7 @@ class Settings:
             old_secret_keys=old,
             ai_providers=providers,
             limits=limits,
+            presence=presence,
         )
 
     def warn_if_unsafe(self) -> None:
