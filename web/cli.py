@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import sys
 from typing import Any
@@ -21,6 +23,16 @@ WS_IMPLEMENTATIONS = {
     "websockets-sansio": "websockets-sansio",
     "websockets": "websockets",
 }
+
+
+def raise_open_files_limit() -> None:
+    """Every socket is a file descriptor: lift the soft limit to the hard one, and say what it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    logging.getLogger("viral.serve").info("open files limit %d (about that many sockets per process)", soft)
 
 
 def uvicorn_options(settings: Settings, *, ws: str = "fast") -> dict[str, Any]:
@@ -52,6 +64,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     settings.warn_if_unsafe()
+    raise_open_files_limit()
     uvicorn.run(
         "web.app:create_app",
         factory=True,
@@ -106,6 +119,10 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     claims: dict[str, object] = {"sub": args.sub, "role": args.role}
     if args.minor:
         claims["minor"] = True
+    if args.name:
+        claims["name"] = args.name
+    if args.opted_out:
+        claims["opted_out"] = True
     if args.subjects:
         claims["subjects"] = [s for s in args.subjects.split(",") if s]
     print(TokenVerifier(settings.secret_key).issue(claims, ttl=args.ttl))
@@ -142,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=ROLES)
     token.add_argument("--minor", action="store_true", help="the user is under 13 (COPPA rules apply)")
     token.add_argument("--subjects", default="", help="comma-separated subjects claim")
+    token.add_argument("--name", default="", help="display name shown to other users (never for minors)")
+    token.add_argument("--opted-out", action="store_true", help="the user turned social features off")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     token.set_defaults(func=_token)
     return parser
