@@ -1,8 +1,18 @@
-"""Persistence: SQLAlchemy 2 async engine setup.
-
-Models and Alembic migrations arrive with the event store.
-"""
+"""Persistence: SQLAlchemy 2 async models, engine setup and Alembic migrations (`store.migrate`)."""
 
 from .database import Database
+from .models import Base, Consumption, Event, Feed, FeedItem, Reaction, ScoreEntry, User
+from .types import utcnow
 
-__all__ = ["Database"]
+__all__ = [
+    "Base",
+    "Consumption",
+    "Database",
+    "Event",
+    "Feed",
+    "FeedItem",
+    "Reaction",
+    "ScoreEntry",
+    "User",
+    "utcnow",
+]

@@ -111,7 +111,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    print("migrate: no schema yet; nothing to do (the event store brings the first migration)")
+    from store.migrate import upgrade
+
+    upgrade(settings.database_url)
+    print(f"migrate: {settings.database_url.split('@')[-1]} is at the latest schema")
     return 0
 
 

@@ -1,0 +1,124 @@
+"""The tables. Every timestamp is timezone-aware UTC; the `events` row is the source of truth."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .types import JSONType, UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    """The profile this service keeps of a platform account (SPEC §8a)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str | None] = mapped_column(String(80))
+    role: Mapped[str] = mapped_column(String(16), default="student")
+    minor: Mapped[bool] = mapped_column(Boolean, default=False)
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    subjects: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """One accepted event. `id` is the idempotency key; `published` is the outbox flag."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(40))
+    user_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    props: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    actor_id: Mapped[str] = mapped_column(String(64))
+    published: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        Index("ix_events_user_ts", "user_id", "ts"),
+        Index("ix_events_type_ts", "type", "ts"),
+        Index("ix_events_unpublished", "published", "received_at"),
+    )
+
+
+class Consumption(Base):
+    """What a consumer did with an event: done, or parked after too many failures."""
+
+    __tablename__ = "event_consumptions"
+
+    consumer: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(8))  # "done" | "parked"
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (Index("ix_consumptions_status", "status"),)
+
+
+class Feed(Base):
+    """A feed's offset counter and epoch (a new epoch means old offsets no longer resume)."""
+
+    __tablename__ = "feeds"
+
+    name: Mapped[str] = mapped_column(String(96), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(32))
+    next_offset: Mapped[int] = mapped_column(BigInteger, default=1)
+
+
+class FeedItem(Base):
+    """One activity in one feed, rendered for that feed's audience: no private data in public feeds."""
+
+    __tablename__ = "feed_items"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    feed: Mapped[str] = mapped_column(String(96))
+    offset: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(40))
+    text: Mapped[str] = mapped_column(String(280))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("feed", "offset", name="uq_feed_items_feed_offset"),
+        UniqueConstraint("feed", "event_id", name="uq_feed_items_feed_event"),
+    )
+
+
+class Reaction(Base):
+    __tablename__ = "feed_reactions"
+
+    feed: Mapped[str] = mapped_column(String(96), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ScoreEntry(Base):
+    """Leaderboard points earned by one event; Redis sorted sets are a cache rebuilt from these rows."""
+
+    __tablename__ = "score_entries"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(64))
+    points: Mapped[int] = mapped_column(Integer)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_scores_subject_ts", "subject", "ts"),)
