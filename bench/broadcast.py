@@ -22,18 +22,13 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
-import platform
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +39,28 @@ from rich.table import Table
 
 from realtime import TokenVerifier
 
-from .common import BENCH_SECRET, EVENT, TOPIC, raise_nofile_limit
+from .common import (
+    BENCH_SECRET,
+    EVENT,
+    ROOT,
+    TOPIC,
+    ClientProcess,
+    ServerProcess,
+    background_load,
+    environment,
+    fmt,
+    free_port,
+    machine_cpu,
+    merge_hists,
+    monotonic_ms,
+    percentile,
+    proc_cpu_split,
+    proc_rss_kb,
+    raise_nofile_limit,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT_JS = ROOT / "bench" / "client.mjs"
 SERVERS = {"naive": "bench.naive_server", "engine": "bench.engine_app"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # With sent_at rounded to µs, this makes the push payload 64 bytes of JSON.
 PAD = "x" * 20
 TARGET_RATIO = 1.5
@@ -57,198 +68,7 @@ TARGET_RATIO = 1.5
 console = Console(stderr=True)
 
 
-# /proc readings.
-
-
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of one process, in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    # After "pid (comm)": state is fields[0], so utime (field 14) and stime (15) are at 11 and 12.
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def proc_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds over all cores since boot, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already counted in user
-    return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-async def background_load(seconds: float = 1.0) -> float:
-    """Cores kept busy by whatever else runs on the machine right now."""
-    busy0, total0 = machine_cpu()
-    await asyncio.sleep(seconds)
-    busy1, total1 = machine_cpu()
-    return (busy1 - busy0) / max(total1 - total0, 1e-9) * (os.cpu_count() or 1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def monotonic_ms() -> float:
-    return time.monotonic_ns() / 1e6
-
-
-# Processes.
-
-
-class ServerProcess:
-    def __init__(self, kind: str, port: int, workdir: Path) -> None:
-        self.kind = kind
-        self.port = port
-        self.log_path = workdir / f"server-{kind}-{port}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def start(self) -> None:
-        env = {
-            **os.environ,
-            "SECRET_KEY": BENCH_SECRET,
-            "BROKER_URL": "memory://",
-            "DATABASE_URL": "sqlite+aiosqlite:///:memory:",
-            "ENV": "development",
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                SERVERS[self.kind],
-                "--port",
-                str(self.port),
-                cwd=ROOT,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"{self.kind} server exited at start-up:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                status, _ = await http_request(self.port, "GET", "/healthz")
-                if status == 200:
-                    return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.kind} server not ready after 20s:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.terminate()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 15)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-class ClientProcess:
-    """One Node process of the bench client; JSON lines in both directions."""
-
-    def __init__(self, name: str, config_path: Path, log_path: Path) -> None:
-        self.name = name
-        self.config_path = config_path
-        self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def start(self, node: str, node_args: list[str]) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                node,
-                *node_args,
-                str(CLIENT_JS),
-                str(self.config_path),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                limit=64 << 20,
-            )
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            await self.messages.put(orjson.loads(line))
-        await self.messages.put({"type": "exited"})
-
-    async def send(self, command: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(orjson.dumps(command) + b"\n")
-        await self.proc.stdin.drain()
-
-    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.messages.get()
-                if message["type"] == kind:
-                    return message
-                if message["type"] == "exited":
-                    raise RuntimeError(f"client {self.name} exited: {self.log_path.read_text()[-2000:]}")
-
-    async def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            with contextlib.suppress(Exception):
-                await self.send({"cmd": "quit"})
-                await asyncio.wait_for(self.proc.wait(), 5)
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
-
 # HTTP.
-
-
-async def http_request(port: int, method: str, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 class Publisher:
@@ -296,29 +116,6 @@ class Publisher:
 
 
 # Results.
-
-
-def percentile(bins: list[tuple[float, float, int]], q: float) -> float | None:
-    """The value at quantile q of a histogram of (low, high, count) bins: the bin's midpoint."""
-    total = sum(count for _, _, count in bins)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for low, high, count in bins:
-        seen += count
-        if seen >= rank:
-            return low if high == float("inf") else round((low + high) / 2, 3)
-    return bins[-1][0]
-
-
-def merge_hists(reports: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
-    merged: dict[tuple[float, float], int] = {}
-    for report in reports:
-        for low, high, count in report["hist"]:
-            key = (float(low), float("inf") if high is None else float(high))
-            merged[key] = merged.get(key, 0) + int(count)
-    return sorted((low, high, count) for (low, high), count in merged.items())
 
 
 @dataclass
@@ -461,7 +258,7 @@ async def check_clock(clients: list[ClientProcess]) -> dict[str, Any]:
 async def run_server(
     kind: str, n: int, tokens: list[str], admin_token: str, args: argparse.Namespace, workdir: Path, node: str
 ) -> dict[str, Any]:
-    server = ServerProcess(kind, free_port(), workdir)
+    server = ServerProcess(kind, free_port(), workdir, module=SERVERS[kind])
     clients: list[ClientProcess] = []
     publisher = Publisher(server.port, admin_token)
     result: dict[str, Any] = {"server": kind, "subscribers": n}
@@ -489,7 +286,9 @@ async def run_server(
             }
             path = workdir / f"client-{kind}-{n}-{i}.json"
             path.write_bytes(orjson.dumps(config))
-            clients.append(ClientProcess(f"c{i}", path, workdir / f"client-{kind}-{n}-{i}.log"))
+            clients.append(
+                ClientProcess(f"c{i}", path, workdir / f"client-{kind}-{n}-{i}.log", script=CLIENT_JS)
+            )
         t_connect = time.monotonic()
         for client in clients:
             await client.start(node, args.node_arg)
@@ -551,10 +350,6 @@ async def run_server(
 
 
 # Reporting.
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -631,27 +426,6 @@ def print_table(runs: list[dict[str, Any]], compared: list[dict[str, Any]]) -> N
             f"{verdict} the {TARGET_RATIO}x target[/]; "
             f"identical delivery (no drops, in order): {entry['identical_delivery']}"
         )
-
-
-def environment(node: str) -> dict[str, Any]:
-    versions = {}
-    for package in ("uvicorn", "starlette", "websockets", "uvloop", "httptools", "orjson"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    ws_pkg = ROOT / "tests" / "js" / "node_modules" / "ws" / "package.json"
-    with contextlib.suppress(OSError, ValueError):
-        versions["node ws"] = json.loads(ws_pkg.read_text())["version"]
-    node_version = subprocess.run(
-        [node, "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "node": node_version,
-        "versions": versions,
-        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,10 +3,20 @@
 from realtime import Router
 
 from .context import ChannelContext
+from .feed import FeedConsumer
+from .feed_channel import FeedChannel
 from .presence import GlobalPresenceChannel, SubjectPresenceChannel
 from .user import UserChannel
 
-__all__ = ["ChannelContext", "GlobalPresenceChannel", "SubjectPresenceChannel", "UserChannel", "build_router"]
+__all__ = [
+    "ChannelContext",
+    "FeedChannel",
+    "FeedConsumer",
+    "GlobalPresenceChannel",
+    "SubjectPresenceChannel",
+    "UserChannel",
+    "build_router",
+]
 
 
 def build_router() -> Router:
@@ -15,4 +25,5 @@ def build_router() -> Router:
     router.channel("user:*", UserChannel)
     router.channel("presence:subject:*", SubjectPresenceChannel)
     router.channel("presence:global", GlobalPresenceChannel)
+    router.channel("feed:*", FeedChannel)
     return router

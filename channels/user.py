@@ -1,4 +1,4 @@
-"""`user:{id}`: a user's private notifications (nudges, invites, rewards).
+"""`user:{id}`: a user's private notifications (nudges, invites, rewards), and `track` for their events.
 
 Only that user or an admin may join.
 """
@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from realtime import Channel, JoinError
+from metrics import EventRejected, IngestUnavailable, validate_event
+from realtime import Channel, JoinError, ReplyError
+from store import utcnow
 
-from .access import is_self_or_admin
+from .access import is_admin, is_self_or_admin
+from .context import ChannelContext
 
 
 class UserChannel(Channel):
@@ -23,3 +26,22 @@ class UserChannel(Channel):
         if not is_self_or_admin(self.claims, self.user_id):
             raise JoinError("unauthorized")
         return {}
+
+    async def handle_in(self, event: str, payload: Any, ref: str | None) -> Any:
+        if event != "track":
+            return await super().handle_in(event, payload, ref)
+        # The same path as POST /api/events (SPEC §8): one event per message.
+        try:
+            item = validate_event(
+                payload, caller=str(self.claims["sub"]), is_admin=is_admin(self.claims), now=utcnow()
+            )
+        except EventRejected as exc:
+            raise ReplyError("invalid event", fields=exc.errors) from None
+        context: ChannelContext = self.context
+        try:
+            (accepted,) = await context.ingest.ingest(
+                [item], actor_id=str(self.claims["sub"]), actor_claims=self.claims
+            )
+        except IngestUnavailable:
+            raise ReplyError("event store unavailable; retry", retry_after_ms=2000) from None
+        return {"id": accepted.id, "duplicate": accepted.duplicate}

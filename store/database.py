@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
 class Database:
@@ -15,6 +15,14 @@ class Database:
         if url.startswith("postgresql"):
             kwargs.update(pool_size=10, max_overflow=10)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def session(self) -> AsyncSession:
+        return self.sessions()
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """True when a trivial query answers within `timeout` seconds."""

@@ -5,15 +5,20 @@ Under REQUIRE_SERVICES=1 (CI) a missing service fails the run instead of skippin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from servers import ServerProcess
+
+from store.migrate import upgrade
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -45,19 +50,71 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> str:
+def postgres_url() -> str:
+    """The PostgreSQL server's scratch database; tests make databases of their own from a template."""
     if not _tcp_open("127.0.0.1", 5432):
         _service_missing("PostgreSQL", DATABASE_URL)
     return DATABASE_URL
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_url: str) -> Iterator[str]:
+    name = f"viral_tpl_{os.getpid()}"
+    asyncio.run(_pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    upgrade(_with_database(postgres_url, name))
+    yield name
+    asyncio.run(_pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _with_database(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+async def _pg_admin(url: str, *statements: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of each kind for this test."""
+    if request.param == "sqlite":
+        path = tmp_path / "fresh.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    base = request.getfixturevalue("postgres_url")
+    template = request.getfixturevalue("postgres_template")
+    name = f"viral_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_pg_admin(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    yield _with_database(base, name)
+    asyncio.run(_pg_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Any]:
+def server_factory(tmp_path: Path, sqlite_template: Path) -> Iterator[Any]:
+    """Starts real server processes; unless told otherwise they share one fresh SQLite database."""
     started: list[ServerProcess] = []
+    shared_db = tmp_path / "shared.db"
+    shutil.copy(sqlite_template, shared_db)
 
     def start(
         env: dict[str, str] | None = None, port: int | None = None, args: tuple[str, ...] = ()
     ) -> ServerProcess:
+        env = {"DATABASE_URL": f"sqlite+aiosqlite:///{shared_db}", **(env or {})}
         srv = ServerProcess(tmp_path, env, port, args).start()
         started.append(srv)
         return srv

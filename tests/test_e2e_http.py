@@ -72,8 +72,8 @@ def test_healthz_and_metrics(server):
         assert name in text
 
 
-def test_readyz_with_real_redis_and_postgresql(server_factory, redis_url, database_url):
-    server = server_factory({"BROKER_URL": redis_url, "DATABASE_URL": database_url})
+def test_readyz_with_real_redis_and_postgresql(server_factory, redis_url, postgres_url):
+    server = server_factory({"BROKER_URL": redis_url, "DATABASE_URL": postgres_url})
     response = httpx.get(f"{server.http}/readyz")
     assert response.status_code == 200
     assert response.json() == {"ready": True, "checks": {"broker": True, "database": True}}

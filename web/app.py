@@ -6,49 +6,31 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from channels import ChannelContext, build_router
+from metrics import EventIngest, stream_from_url
 from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
+from . import events_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
+from .pipeline import build_runner
 from .prometheus import build_registry
+from .responses import ORJSONResponse, read_json
 
 log = logging.getLogger(__name__)
 
 RESERVED_EVENTS = frozenset({"phx_join", "phx_leave", "phx_reply", "phx_close", "phx_error", "heartbeat"})
-
-
-class ORJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-async def read_json(request: Request, max_bytes: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"request body larger than {max_bytes} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, f"request body larger than {max_bytes} bytes")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
 
 
 async def publish(request: Request) -> Response:
@@ -126,9 +108,20 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         stats=RealtimeStats(),
     )
     database = Database(settings.database_url)
+    stream = stream_from_url(settings.broker_url)
+    ingest = EventIngest(database, stream)
+    # On memory:// this process is the whole deployment, so it runs the consumers too;
+    # on redis:// they run in `viral-engine worker` processes.
+    runner = (
+        build_runner(database, stream, ingest, endpoint.hub)
+        if settings.broker_url.startswith("memory://")
+        else None
+    )
     tracker = PresenceTracker(endpoint.hub, settings.presence)
     endpoint.context = ChannelContext(
         presence=tracker,
+        database=database,
+        ingest=ingest,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
 
@@ -136,12 +129,17 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await endpoint.start()
         await tracker.start()
+        if runner is not None:
+            await runner.start()
         log.info("viral-engine ready: broker=%s node=%s", settings.broker_url, tracker.node)
         try:
             yield
         finally:
+            if runner is not None:
+                await runner.stop()
             await tracker.stop()
             await endpoint.stop()
+            await stream.close()
             await database.dispose()
 
     routes = [
@@ -151,6 +149,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", prometheus_metrics),
+        *events_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
@@ -158,5 +157,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     app.state.endpoint = endpoint
     app.state.database = database
     app.state.presence = tracker
+    app.state.ingest = ingest
+    app.state.runner = runner
     app.state.registry = build_registry(endpoint)
     return app

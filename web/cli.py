@@ -80,30 +80,36 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    """Runs the background consumers for multi-process deployments (Procfile `worker`).
-
-    No consumer is registered yet: the event pipeline (issue 5) adds the first ones. Until then
-    the worker checks that it can reach the broker and the database and waits for SIGTERM.
-    """
-    from realtime import broker_from_url
+    """The event consumers for multi-process deployments (Procfile `worker`); run as many as you like."""
+    from metrics import EventIngest, stream_from_url
+    from realtime import Hub, RealtimeStats, broker_from_url
     from store import Database
 
+    from .pipeline import build_runner
+
+    if settings.broker_url.startswith("memory://"):
+        print(
+            "error: with BROKER_URL=memory:// the consumers run inside `serve`; a worker needs redis://",
+            file=sys.stderr,
+        )
+        return 2
+
     async def run() -> int:
-        broker = broker_from_url(settings.broker_url)
         database = Database(settings.database_url)
-        await broker.start(lambda topic, message: None)
+        stream = stream_from_url(settings.broker_url)
+        hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
+        await hub.start()
+        runner = build_runner(database, stream, EventIngest(database, stream), hub)
+        await runner.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        ok = await database.ping()
-        logging.getLogger("viral.worker").info(
-            "worker up: broker=%s database=%s (no consumers registered yet)",
-            settings.broker_url,
-            "ok" if ok else "unreachable",
-        )
+        logging.getLogger("viral.worker").info("worker up: consumers %s", [c.name for c in runner.consumers])
         await stop.wait()
-        await broker.stop()
+        await runner.stop()
+        await hub.stop()
+        await stream.close()
         await database.dispose()
         return 0
 

@@ -1,0 +1,204 @@
+"""Activity feeds: events become feed items, stored per feed with monotonic offsets, pushed live.
+
+Public feeds (`feed:global`, `feed:subject:{s}`) are rendered for everyone when the item is made:
+minors appear as "A student", users who opted out do not appear at all, and no user id is
+stored in a public row. A user's own feed (`feed:user:{id}`) carries their name.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from realtime import Hub
+from store import Feed, FeedItem, User
+
+from .privacy import ANONYMOUS_NAME
+
+ITEM_EVENT = "new_activity"
+HISTORY_PAGE = 20
+RETAINED_PER_FEED = 1000
+# A streak is worth telling others about on these days (and every 50 after 100).
+STREAK_MILESTONES = frozenset({3, 7, 14, 21, 30, 50, 100})
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    kind: str
+    subject: str | None
+    public_text: str | None  # None: not shared publicly
+    own_text: str
+    data: dict[str, Any]
+
+
+def _subject_label(subject: str) -> str:
+    return subject.replace("_", " ").replace("-", " ").title()
+
+
+def describe(event: dict[str, Any], *, name: str, public_name: str | None) -> Activity | None:
+    """The activity an event makes, worded for the public (`public_name`; None = opted out) and the user."""
+    props = event["props"]
+    kind = event["type"]
+    subject = props.get("subject")
+    label = _subject_label(subject) if isinstance(subject, str) else None
+
+    def both(template: str, **data: Any) -> Activity:
+        public = template.format(who=public_name) if public_name is not None else None
+        return Activity(kind, subject, public, template.format(who=name), data)
+
+    if kind == "session_completed":
+        minutes = round(float(props["minutes"]))
+        return both(f"{{who}} finished a {minutes}-minute {label} session", minutes=minutes)
+    if kind == "quiz_result":
+        score = round(float(props["score"]))
+        return both(f"{{who}} scored {score}% on a {label} quiz", score=score)
+    if kind == "practice_completed":
+        return both(f"{{who}} completed {label} practice")
+    if kind == "streak_updated":
+        days = int(props["days"])
+        if days in STREAK_MILESTONES or (days > 100 and days % 50 == 0):
+            return both(f"{{who}} hit a {days}-day streak", days=days)
+    return None
+
+
+def feed_topic(feed: str) -> str:
+    return f"feed:{feed}"
+
+
+def item_payload(item: FeedItem) -> dict[str, Any]:
+    return {
+        "offset": item.offset,
+        "kind": item.kind,
+        "text": item.text,
+        "data": item.data,
+        "created_at": item.created_at.isoformat(),
+    }
+
+
+def dialect_insert(session: AsyncSession) -> Any:
+    """`INSERT … ON CONFLICT` for the session's database."""
+    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+
+
+async def _next_offset(session: AsyncSession, feed: str) -> int:
+    insert = dialect_insert(session)
+    await session.execute(
+        insert(Feed).values(name=feed, epoch=secrets.token_hex(8), next_offset=1).on_conflict_do_nothing()
+    )
+    # The row lock (PostgreSQL) or database lock (SQLite) makes concurrent workers take turns.
+    result = await session.execute(
+        update(Feed)
+        .where(Feed.name == feed)
+        .values(next_offset=Feed.next_offset + 1)
+        .returning(Feed.next_offset)
+    )
+    return int(result.scalar_one()) - 1
+
+
+class FeedConsumer:
+    """Turns events into feed items (idempotently: the runner records what it did) and pushes them."""
+
+    name = "feed"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def handle(self, event: dict[str, Any], session: AsyncSession) -> Any:
+        user = await session.get(User, event["user_id"])
+        name = user.display_name if user is not None and user.display_name else ANONYMOUS_NAME
+        if user is None or user.minor:
+            public_name: str | None = ANONYMOUS_NAME
+        else:
+            public_name = name
+        if user is not None and user.opted_out:
+            public_name = None
+        activity = describe(event, name=name, public_name=public_name)
+        if activity is None:
+            return None
+        targets: list[tuple[str, str]] = [(f"user:{event['user_id']}", activity.own_text)]
+        if activity.public_text is not None:
+            targets.append(("global", activity.public_text))
+            if activity.subject:
+                targets.append((f"subject:{activity.subject}", activity.public_text))
+        items = []
+        for feed, text in targets:
+            item = FeedItem(
+                feed=feed,
+                offset=await _next_offset(session, feed),
+                event_id=event["id"],
+                kind=activity.kind,
+                text=text,
+                data={"subject": activity.subject, **activity.data},
+            )
+            session.add(item)
+            items.append(item)
+        await session.flush()
+
+        async def push() -> None:
+            for item in items:
+                await self.hub.broadcast(feed_topic(item.feed), ITEM_EVENT, item_payload(item))
+
+        return push
+
+
+async def feed_history(
+    session: AsyncSession,
+    feed: str,
+    *,
+    since: int | None = None,
+    epoch: str | None = None,
+    limit: int = HISTORY_PAGE,
+) -> dict[str, Any]:
+    """The feed contract of SPEC §7: latest page, or everything after `since` when it can be recovered."""
+    row = await session.get(Feed, feed)
+    current_epoch = row.epoch if row is not None else ""
+    latest = row.next_offset - 1 if row is not None else 0
+    if since is not None:
+        oldest = (
+            await session.execute(select(func.min(FeedItem.offset)).where(FeedItem.feed == feed))
+        ).scalar_one_or_none()
+        still_there = oldest is None or since >= oldest - 1
+        # A feed that did not exist yet had no epoch: "" with since 0 resumes from its beginning.
+        same_epoch = epoch == current_epoch or (epoch == "" and since == 0)
+        if same_epoch and still_there and since <= latest:
+            items = await items_after(session, feed, since)
+            return {"recovered": True, "items": items, "offset": latest, "epoch": current_epoch}
+    items = await _items(session, feed, before=None, limit=limit)
+    result: dict[str, Any] = {"items": items, "offset": latest, "epoch": current_epoch}
+    if since is not None:
+        result["recovered"] = False
+    return result
+
+
+async def items_after(
+    session: AsyncSession, feed: str, offset: int, limit: int = RETAINED_PER_FEED
+) -> list[dict[str, Any]]:
+    """Items with an offset above `offset`, oldest first."""
+    query = select(FeedItem).where(FeedItem.feed == feed, FeedItem.offset > offset)
+    rows = (await session.execute(query.order_by(FeedItem.offset).limit(limit))).scalars().all()
+    return [item_payload(i) for i in rows]
+
+
+async def _items(session: AsyncSession, feed: str, *, before: int | None, limit: int) -> list[dict[str, Any]]:
+    """The newest `limit` items (below `before`, when given), oldest first."""
+    query = select(FeedItem).where(FeedItem.feed == feed)
+    if before is not None:
+        query = query.where(FeedItem.offset < before)
+    rows: Sequence[FeedItem] = (
+        (await session.execute(query.order_by(FeedItem.offset.desc()).limit(limit))).scalars().all()
+    )
+    return [item_payload(i) for i in reversed(rows)]
+
+
+async def feed_page(session: AsyncSession, feed: str, *, before: int | None, limit: int) -> dict[str, Any]:
+    """Cursor pagination for HTTP: items older than `before`, oldest first, and the next cursor."""
+    items = await _items(session, feed, before=before, limit=limit)
+    next_before = items[0]["offset"] if len(items) == limit else None
+    return {"items": items, "next_before": next_before}

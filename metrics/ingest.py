@@ -1,0 +1,164 @@
+"""The one way events come in: validate, store (idempotently), then hand to the stream.
+
+The database row is the source of truth. The `published` flag is the outbox: an event is marked
+once the stream has it; `relay_unpublished` (run by the worker) retries those that did not make it,
+so a crash or a Redis outage between commit and append loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from store import Database, Event, User, utcnow
+
+from .events import EventIn
+from .stream import EventStream, StreamUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class IngestUnavailable(Exception):
+    """The database could not take the events: nothing was accepted; retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: str
+    duplicate: bool
+
+
+def event_message(event: Event) -> dict[str, Any]:
+    """What consumers receive: the stored row, JSON-ready."""
+    return {
+        "id": event.id,
+        "type": event.type,
+        "user_id": event.user_id,
+        "ts": event.ts.isoformat(),
+        "props": event.props,
+        "actor_id": event.actor_id,
+    }
+
+
+class EventIngest:
+    def __init__(self, database: Database, stream: EventStream) -> None:
+        self.database = database
+        self.stream = stream
+
+    async def ingest(
+        self, events: Sequence[EventIn], *, actor_id: str, actor_claims: dict[str, Any] | None = None
+    ) -> list[Accepted]:
+        """Store new events (duplicates by id are skipped) and stream them.
+
+        `actor_claims`, when the caller is a user, refresh that user's role and minor flag (SPEC §8a).
+        """
+        unique = list({e.id: e for e in events}.values())  # an id twice in one batch is one event
+        now = utcnow()
+        rows = [
+            {
+                "id": e.id,
+                "type": e.type,
+                "user_id": e.user_id,
+                "ts": e.ts,
+                "received_at": now,
+                "props": e.props,
+                "actor_id": actor_id,
+                "published": False,
+            }
+            for e in unique
+        ]
+        insert = pg_insert if self.database.dialect == "postgresql" else sqlite_insert
+        try:
+            async with self.database.session() as session, session.begin():
+                created: set[str] = set()
+                # Chunks keep each statement well under the drivers' bind-parameter limits.
+                for start in range(0, len(rows), 500):
+                    stmt = (
+                        insert(Event)
+                        .values(rows[start : start + 500])
+                        .on_conflict_do_nothing(index_elements=["id"])
+                        .returning(Event.id)
+                    )
+                    created.update((await session.execute(stmt)).scalars())
+                if actor_claims is not None and actor_claims.get("role") != "admin":
+                    await self._refresh_profile(session, insert, actor_claims)
+                opted_out = {e.user_id for e in unique if e.id in created and e.type == "opt_out"}
+                for user_id in opted_out:
+                    # At ingest, not in a consumer: from this commit on, no consumer renders them publicly.
+                    await session.execute(
+                        insert(User)
+                        .values(id=user_id, opted_out=True, subjects=[], created_at=now, updated_at=now)
+                        .on_conflict_do_update(
+                            index_elements=["id"], set_={"opted_out": True, "updated_at": now}
+                        )
+                    )
+                stored = (
+                    (await session.execute(select(Event).where(Event.id.in_(created)))).scalars().all()
+                    if created
+                    else []
+                )
+        except Exception as exc:
+            log.warning("event ingest could not write to the database: %s", exc)
+            raise IngestUnavailable(str(exc)) from exc
+        if stored:
+            await self.publish(list(stored))
+        return [Accepted(e.id, e.id not in created) for e in events]
+
+    @staticmethod
+    async def _refresh_profile(session: Any, insert: Any, claims: dict[str, Any]) -> None:
+        now = utcnow()
+        role = claims.get("role") if claims.get("role") in ("student", "parent", "tutor") else "student"
+        minor = bool(claims.get("minor", False))
+        await session.execute(
+            insert(User)
+            .values(
+                id=str(claims["sub"]), role=role, minor=minor, subjects=[], created_at=now, updated_at=now
+            )
+            .on_conflict_do_update(
+                index_elements=["id"],
+                set_={"role": role, "minor": minor, "updated_at": now},
+                where=(User.role != role) | (User.minor != minor),
+            )
+        )
+
+    async def publish(self, events: Sequence[Event]) -> bool:
+        try:
+            await self.stream.append([event_message(e) for e in events])
+        except StreamUnavailable as exc:
+            log.warning("%d events stored but not yet streamed (%s); the relay will retry", len(events), exc)
+            return False
+        async with self.database.session() as session, session.begin():
+            await session.execute(
+                update(Event).where(Event.id.in_([e.id for e in events])).values(published=True)
+            )
+        return True
+
+    async def relay_unpublished(
+        self, *, older_than: timedelta = timedelta(seconds=5), limit: int = 500
+    ) -> int:
+        """Stream events that were stored but never streamed; returns how many went out."""
+        cutoff = utcnow() - older_than
+        async with self.database.session() as session:
+            pending = (
+                (
+                    await session.execute(
+                        select(Event)
+                        .where(Event.published.is_(False), Event.received_at < cutoff)
+                        .order_by(Event.received_at)
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        if pending and await self.publish(list(pending)):
+            log.info("relayed %d events that had not reached the stream", len(pending))
+            return len(pending)
+        return 0

@@ -1,0 +1,226 @@
+"""The event pipeline against real databases (SQLite and PostgreSQL) and a real Redis stream."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from channels import FeedConsumer
+from channels.feed import feed_history
+from metrics import ConsumerRunner, EventIn, EventIngest, MemoryEventStream, RedisEventStream
+from realtime import Hub, MemoryBroker, RealtimeStats
+from store import Consumption, Database, Event, FeedItem, User, utcnow
+
+
+def session_event(eid: str, user: str = "maya", subject: str = "algebra", minutes: int = 20) -> EventIn:
+    return EventIn(eid, "session_completed", user, utcnow(), {"subject": subject, "minutes": minutes})
+
+
+@pytest.fixture
+async def db(database_url):
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def hub():
+    hub = Hub(MemoryBroker(), RealtimeStats())
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+async def count(db: Database, model, *where) -> int:
+    async with db.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(model).where(*where)))
+
+
+async def test_the_same_id_twice_is_one_event(db):
+    ingest = EventIngest(db, MemoryEventStream())
+    first = await ingest.ingest([session_event("e1"), session_event("e1")], actor_id="maya")
+    again = await ingest.ingest([session_event("e1"), session_event("e2")], actor_id="maya")
+    assert [(a.id, a.duplicate) for a in first] == [("e1", False), ("e1", False)]
+    assert [(a.id, a.duplicate) for a in again] == [("e1", True), ("e2", False)]
+    assert await count(db, Event) == 2
+
+
+async def test_timestamps_come_back_timezone_aware_utc(db):
+    ingest = EventIngest(db, MemoryEventStream())
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    await ingest.ingest([EventIn("t1", "signup", "u", when, {})], actor_id="admin")
+    async with db.session() as session:
+        stored = await session.get(Event, "t1")
+    assert stored.ts == when and stored.ts.tzinfo is not None
+
+
+async def test_events_stored_while_the_stream_is_down_are_relayed_later(db, redis_url):
+    down = EventIngest(db, RedisEventStream("redis://127.0.0.1:1/0"))
+    await down.ingest([session_event("late-1"), session_event("late-2")], actor_id="maya")
+    assert await count(db, Event, Event.published.is_(False)) == 2  # accepted and kept, not lost
+
+    stream = MemoryEventStream()
+    stream.register("probe")
+    up = EventIngest(db, stream)
+    assert await up.relay_unpublished(older_than=timedelta(0)) == 2
+    batch = await stream.read("probe", count=10, block_ms=100)
+    assert sorted(d.event["id"] for d in batch) == ["late-1", "late-2"]
+    assert await count(db, Event, Event.published.is_(False)) == 0
+
+
+async def test_redis_stream_redelivers_what_a_crashed_consumer_did_not_ack(redis_url):
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    await client.delete(RedisEventStream.KEY)
+    await client.aclose()
+    first = RedisEventStream(redis_url, claim_idle=0.2)
+    await first.read("g", count=10, block_ms=10)  # creates the group at the end of the stream
+    await first.append([{"id": "a"}, {"id": "b"}])
+    taken = await first.read("g", count=10, block_ms=100)
+    assert [d.event["id"] for d in taken] == ["a", "b"]
+    await first.close()  # crashed before acknowledging
+
+    second = RedisEventStream(redis_url, claim_idle=0.2)
+    second._consumer = "another-worker"
+    await asyncio.sleep(0.3)
+    stolen = await second.read("g", count=10, block_ms=100)
+    assert [d.event["id"] for d in stolen] == ["a", "b"]
+    await second.ack("g", [d.ack_id for d in stolen])
+    assert await second.read("g", count=10, block_ms=100) == []
+    await second.close()
+
+
+async def test_a_consumer_applies_each_event_once_however_often_it_arrives(db, hub):
+    consumer = FeedConsumer(hub)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
+    message = {
+        "id": "e1",
+        "type": "session_completed",
+        "user_id": "maya",
+        "ts": utcnow().isoformat(),
+        "props": {"subject": "algebra", "minutes": 20},
+        "actor_id": "maya",
+    }
+    results = [await runner.process(consumer, message) for _ in range(3)]
+    assert results == ["done", "duplicate", "duplicate"]
+    assert await count(db, FeedItem) == 3  # own feed, global, subject: once each
+
+
+class Flaky:
+    name = "flaky"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def handle(self, event, session):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"boom {self.calls}")
+        return None
+
+
+async def test_a_failing_event_is_retried_then_parked_with_its_error(db):
+    runner = ConsumerRunner(db, MemoryEventStream(), [], max_attempts=3, retry_base_delay=0.01)
+    recovers = Flaky(2)
+    assert await runner.process(recovers, {"id": "x1"}) == "done"
+    assert recovers.calls == 3
+    hopeless = Flaky(99)
+    hopeless.name = "hopeless"
+    assert await runner.process(hopeless, {"id": "x2"}) == "parked"
+    async with db.session() as session:
+        row = await session.get(Consumption, ("hopeless", "x2"))
+    assert row.status == "parked" and row.attempts == 3 and "boom 3" in row.error
+    assert await runner.process(hopeless, {"id": "x2"}) == "duplicate"  # parked stays parked until an operator acts
+    assert hopeless.calls == 3
+
+
+async def test_the_reconciler_processes_events_the_stream_lost(db, hub):
+    ingest = EventIngest(db, MemoryEventStream())  # nobody registered: the stream drops them
+    await ingest.ingest([session_event("lost-1"), session_event("lost-2")], actor_id="maya")
+    consumer = FeedConsumer(hub)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer], reconcile_after=timedelta(0))
+    assert await runner.reconcile() == 2
+    assert await runner.reconcile() == 0
+    assert await count(db, FeedItem, FeedItem.feed == "global") == 2
+
+
+async def test_feed_items_follow_the_privacy_rules(db, hub):
+    async with db.session() as session, session.begin():
+        session.add_all(
+            [
+                User(id="maya", display_name="Maya", subjects=[]),
+                User(id="kid", display_name="Timmy", minor=True, subjects=[]),
+                User(id="shy", display_name="Shy", opted_out=True, subjects=[]),
+            ]
+        )
+    consumer = FeedConsumer(hub)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
+    for user in ("maya", "kid", "shy", "nobody"):
+        message = {
+            "id": f"ev-{user}",
+            "type": "quiz_result",
+            "user_id": user,
+            "ts": utcnow().isoformat(),
+            "props": {"subject": "geometry", "score": 92},
+            "actor_id": user,
+        }
+        await runner.process(consumer, message)
+    async with db.session() as session:
+        public = (await feed_history(session, "global"))["items"]
+        subject = (await feed_history(session, "subject:geometry"))["items"]
+        kid_own = (await feed_history(session, "user:kid"))["items"]
+        shy_own = (await feed_history(session, "user:shy"))["items"]
+        texts = [i.text for i in (await session.execute(select(FeedItem))).scalars()]
+    assert [i["text"] for i in public] == [
+        "Maya scored 92% on a Geometry quiz",
+        "A student scored 92% on a Geometry quiz",
+        "A student scored 92% on a Geometry quiz",
+    ]
+    assert [i["text"] for i in subject] == [i["text"] for i in public]
+    assert kid_own[0]["text"] == "Timmy scored 92% on a Geometry quiz"  # their own feed has their name
+    assert shy_own[0]["text"] == "Shy scored 92% on a Geometry quiz"
+    public_rows = [t for t in texts if "Timmy" in t or "Shy" in t]
+    assert len(public_rows) == 2  # only in their own feeds
+
+
+async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):
+    consumer = FeedConsumer(hub)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
+    for i in range(5):
+        message = {
+            "id": f"h{i}",
+            "type": "practice_completed",
+            "user_id": "maya",
+            "ts": utcnow().isoformat(),
+            "props": {"subject": "art"},
+            "actor_id": "maya",
+        }
+        await runner.process(consumer, message)
+    async with db.session() as session:
+        page = await feed_history(session, "global", limit=2)
+        assert [i["offset"] for i in page["items"]] == [4, 5] and page["offset"] == 5
+        epoch = page["epoch"]
+        resumed = await feed_history(session, "global", since=2, epoch=epoch)
+        assert resumed["recovered"] is True
+        assert [i["offset"] for i in resumed["items"]] == [3, 4, 5]
+        other_epoch = await feed_history(session, "global", since=2, epoch="stale")
+        assert other_epoch["recovered"] is False and [i["offset"] for i in other_epoch["items"]] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]
+    async with db.session() as session, session.begin():
+        await session.execute(
+            FeedItem.__table__.delete().where(FeedItem.feed == "global", FeedItem.offset <= 3)
+        )
+    async with db.session() as session:
+        expired = await feed_history(session, "global", since=1, epoch=epoch)
+        assert expired["recovered"] is False
+        assert (await feed_history(session, "global", since=3, epoch=epoch))["recovered"] is True

@@ -1,0 +1,13 @@
+"""The event pipeline's parts, assembled once for `serve` (memory://) and `worker` (redis://)."""
+
+from __future__ import annotations
+
+from channels import FeedConsumer
+from metrics import ConsumerRunner, EventIngest, EventStream
+from realtime import Hub
+from store import Database
+
+
+def build_runner(database: Database, stream: EventStream, ingest: EventIngest, hub: Hub) -> ConsumerRunner:
+    """Every consumer of the event stream; `hub` is how their results reach sockets on every node."""
+    return ConsumerRunner(database, stream, [FeedConsumer(hub)], relay=ingest.relay_unpublished)
