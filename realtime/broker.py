@@ -195,22 +195,26 @@ class RedisBroker:
                 raise
             except Exception as exc:
                 self._connected.clear()
-                log.warning("redis broker connection lost (%s); reconnecting in %.2fs", exc, delay)
+                log.warning("redis broker connection lost (%s); reconnecting", exc)
+            # Until Redis answers again: retry with backoff, without reading a dead connection.
+            while not await self._resubscribe():
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_max_delay)
-                await self._resubscribe()
+            delay = 0.05
 
-    async def _resubscribe(self) -> None:
+    async def _resubscribe(self) -> bool:
         async with self._sub_lock:
             try:
                 with contextlib.suppress(Exception):
                     await self._pubsub.aclose()  # type: ignore[no-untyped-call]
                 channels = [self._node_channel, *(self._channel(t) for t in self._topics)]
                 await self._pubsub.subscribe(*channels)
-                self._connected.set()
-                log.info("redis broker reconnected; %d topics resubscribed", len(self._topics))
             except Exception as exc:
-                log.warning("redis broker resubscribe failed: %s", exc)
+                log.debug("redis broker resubscribe failed: %s", exc)
+                return False
+            self._connected.set()
+            log.info("redis broker reconnected; %d topics resubscribed", len(self._topics))
+            return True
 
 
 def broker_from_url(url: str) -> Broker:

@@ -135,7 +135,9 @@ async def test_a_failing_event_is_retried_then_parked_with_its_error(db):
     async with db.session() as session:
         row = await session.get(Consumption, ("hopeless", "x2"))
     assert row.status == "parked" and row.attempts == 3 and "boom 3" in row.error
-    assert await runner.process(hopeless, {"id": "x2"}) == "duplicate"  # parked stays parked until an operator acts
+    assert (
+        await runner.process(hopeless, {"id": "x2"}) == "duplicate"
+    )  # parked stays parked until an operator acts
     assert hopeless.calls == 3
 
 

@@ -25,12 +25,12 @@ def test_valid_token_yields_its_claims():
         (None, "missing token"),
         ("", "missing token"),
         ("not-a-jwt", "invalid token"),
-        (jwt.encode({"sub": "u", "exp": time.time() + 60}, "other-key-" * 4, algorithm="HS256"), "signature"),
+        (jwt.encode({"sub": "u", "exp": time.time() + 86400}, "other-key-" * 4, algorithm="HS256"), "signature"),
         (jwt.encode({"sub": "u", "exp": time.time() - 5}, KEY, algorithm="HS256"), "expired"),
-        (jwt.encode({"exp": time.time() + 60}, KEY, algorithm="HS256"), "'sub'"),
+        (jwt.encode({"exp": time.time() + 86400}, KEY, algorithm="HS256"), "'sub'"),
         (jwt.encode({"sub": "u"}, KEY, algorithm="HS256"), "'exp'"),
-        (jwt.encode({"sub": 5, "exp": time.time() + 60}, KEY, algorithm="HS256"), "(?i)sub"),
-        (jwt.encode({"sub": "u", "exp": time.time() + 60}, None, algorithm="none"), "invalid token"),
+        (jwt.encode({"sub": 5, "exp": time.time() + 86400}, KEY, algorithm="HS256"), "(?i)sub"),
+        (jwt.encode({"sub": "u", "exp": time.time() + 86400}, None, algorithm="none"), "invalid token"),
     ],
 )
 def test_bad_tokens_are_refused_with_a_reason(token, message):

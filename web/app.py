@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
     runner = (
-        build_runner(database, stream, ingest, endpoint.hub)
+        build_runner(settings, database, stream, ingest, endpoint.hub)
         if settings.broker_url.startswith("memory://")
         else None
     )

@@ -99,7 +99,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         stream = stream_from_url(settings.broker_url)
         hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
         await hub.start()
-        runner = build_runner(database, stream, EventIngest(database, stream), hub)
+        runner = build_runner(settings, database, stream, EventIngest(database, stream), hub)
         await runner.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -83,6 +83,10 @@ class Settings:
     limits: SocketLimits = field(default_factory=SocketLimits)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     max_body_bytes: int = 1 << 20
+    # Event pipeline upkeep: how often to relay unstreamed events and look for undelivered ones,
+    # and how old an event must be before the reconciler treats it as lost by the stream.
+    events_maintenance_every: float = 10.0
+    events_reconcile_after: float = 30.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -128,6 +132,8 @@ class Settings:
             ai_providers=providers,
             limits=limits,
             presence=presence,
+            events_maintenance_every=_float(env, "EVENTS_MAINTENANCE_EVERY", 10.0),
+            events_reconcile_after=_float(env, "EVENTS_RECONCILE_AFTER", 30.0),
         )
 
     def warn_if_unsafe(self) -> None:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from channels import FeedConsumer
 from metrics import ConsumerRunner, EventIngest, EventStream
 from realtime import Hub
 from store import Database
 
+from .config import Settings
 
-def build_runner(database: Database, stream: EventStream, ingest: EventIngest, hub: Hub) -> ConsumerRunner:
+
+def build_runner(
+    settings: Settings, database: Database, stream: EventStream, ingest: EventIngest, hub: Hub
+) -> ConsumerRunner:
     """Every consumer of the event stream; `hub` is how their results reach sockets on every node."""
-    return ConsumerRunner(database, stream, [FeedConsumer(hub)], relay=ingest.relay_unpublished)
+    return ConsumerRunner(
+        database,
+        stream,
+        [FeedConsumer(hub)],
+        relay=ingest.relay_unpublished,
+        reconcile_every=settings.events_maintenance_every,
+        reconcile_after=timedelta(seconds=settings.events_reconcile_after),
+    )
