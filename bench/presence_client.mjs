@@ -17,7 +17,7 @@
 //   CONFIG = {"name", "mode": "hold" | "churn", "urls": [ws://…/socket/websocket?vsn=2.0.0, …],
 //             "sockets": [[token, url_index, topic], …], "connect_concurrency", "heartbeat_ms",
 //             "local_addresses": [] (optional: source addresses, socket i binds local_addresses[i % n])}
-// JSON lines. stdin: {"cmd": "stats" | "phase" | "end" | "stop" | "quit", ...};
+// JSON lines. stdin: {"cmd": "grow" (hold) | "stats" | "phase" | "end" | "stop" | "quit", ...};
 // stdout: {"type": "ready" | "stats" | "phase_started" | "phase" | "settled" | "bye", ...}.
 
 import { readFileSync } from 'node:fs';
@@ -233,10 +233,14 @@ function connect(i) {
   });
 }
 
+// Sockets [0, target) are opened, CONNECT_CONCURRENCY handshakes (hold: joins) in flight at a time.
+// Churn opens all of them at start; hold grows on the driver's "grow" command, so the driver can
+// measure at several room sizes with one set of processes.
+let target = HOLD ? 0 : N;
 let nextToConnect = 0;
 let inflight = 0;
 function pump() {
-  while (inflight < CONNECT_CONCURRENCY && nextToConnect < N) {
+  while (inflight < CONNECT_CONCURRENCY && nextToConnect < target) {
     inflight++;
     connect(nextToConnect++);
   }
@@ -252,7 +256,7 @@ function settle(i, ok, detail) {
     failed++;
     note(`socket ${i}: ${HOLD ? 'join' : 'connect'} failed ${JSON.stringify(detail)}`);
   }
-  if (ready + failed === N) emit({ type: 'ready', name, ready, failed, errors });
+  if (ready + failed === target) emit({ type: 'ready', name, ready, failed, errors });
   else pump();
 }
 
@@ -409,6 +413,10 @@ rl.on('line', (line) => {
       close_reasons: closeReasons,
       errors,
     });
+  } else if (cmd.cmd === 'grow') {
+    target = Math.min(N, cmd.to);
+    if (ready + failed >= target) emit({ type: 'ready', name, ready, failed, errors });
+    else pump();
   } else if (cmd.cmd === 'phase') startPhase(cmd);
   else if (cmd.cmd === 'end') endPhase();
   else if (cmd.cmd === 'stop') stop();

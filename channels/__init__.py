@@ -5,16 +5,23 @@ from realtime import Router
 from .context import ChannelContext
 from .feed import FeedConsumer
 from .feed_channel import FeedChannel
+from .leaderboard import LeaderboardConsumer, Leaderboards, boards_from_url
+from .leaderboard_channel import BoardWatcher, LeaderboardChannel
 from .presence import GlobalPresenceChannel, SubjectPresenceChannel
 from .user import UserChannel
 
 __all__ = [
+    "BoardWatcher",
     "ChannelContext",
     "FeedChannel",
     "FeedConsumer",
     "GlobalPresenceChannel",
+    "LeaderboardChannel",
+    "LeaderboardConsumer",
+    "Leaderboards",
     "SubjectPresenceChannel",
     "UserChannel",
+    "boards_from_url",
     "build_router",
 ]
 
@@ -26,4 +33,5 @@ def build_router() -> Router:
     router.channel("presence:subject:*", SubjectPresenceChannel)
     router.channel("presence:global", GlobalPresenceChannel)
     router.channel("feed:*", FeedChannel)
+    router.channel("leaderboard:*", LeaderboardChannel)
     return router

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from metrics import EventIngest
 from presence import PresenceTracker
 from store import Database
+
+if TYPE_CHECKING:
+    from .leaderboard import Leaderboards
+    from .leaderboard_channel import BoardWatcher
 
 
 @dataclass(frozen=True)
@@ -14,5 +19,7 @@ class ChannelContext:
     presence: PresenceTracker
     database: Database
     ingest: EventIngest
+    leaderboards: Leaderboards
+    board_watcher: BoardWatcher
     # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
     pseudonym_key: bytes

@@ -205,3 +205,53 @@ async def test_every_event_is_processed_once_through_a_killed_worker_and_a_resta
         await database.dispose()
         with contextlib.suppress(Exception):
             server.kill()
+
+
+async def test_leaderboard_join_then_throttled_updates_only_on_change(server_factory):
+    server = server_factory()
+    admin = headers("ops", "admin")
+    async with httpx.AsyncClient(base_url=server.http, headers=admin) as http:
+        for user in ("ann", "bob"):
+            await http.put(f"/api/users/{user}", json={"display_name": user.title()})
+        viewer = await PhxClient.connect(server.ws_url(make_token("bob")))
+        try:
+            joined = await viewer.join("leaderboard:algebra:daily")
+            assert joined["status"] == "ok"
+            assert joined["response"]["top"] == [] and joined["response"]["you"] is None
+            bad = await viewer.join("leaderboard:algebra:hourly")
+            assert bad["status"] == "error" and "window" in bad["response"]["reason"]
+            quiz = lambda eid, user, score: {  # noqa: E731
+                "id": eid,
+                "type": "quiz_result",
+                "user_id": user,
+                "props": {"subject": "algebra", "score": score},
+            }
+            await http.post(
+                "/api/events", json=[quiz(f"a{i}", "ann", 10) for i in range(5)] + [quiz("b0", "bob", 30)]
+            )
+            update = await viewer.wait_for(
+                lambda f: (
+                    f[3] == "leaderboard_update"
+                    and f[4]["you"] == {"rank": 2, "score": 30}
+                    and f[4]["top"][0]["score"] == 50
+                ),
+                timeout=10,
+            )
+            assert update[4]["top"] == [
+                {"rank": 1, "name": "Ann", "score": 50, "user_id": "ann"},
+                {"rank": 2, "name": "Bob", "score": 30, "user_id": "bob"},
+            ]
+            updates = len(viewer.events("leaderboard:algebra:daily", "leaderboard_update"))
+            assert updates <= 3  # six events, pushed at most once a second
+            # Fill the top 10: a change below it is no news to a viewer whose standing did not move.
+            await http.post("/api/events", json=[quiz(f"t{i}", f"top{i}", 60 + i) for i in range(10)])
+            await viewer.wait_for(
+                lambda f: f[3] == "leaderboard_update" and len(f[4]["top"]) == 10, timeout=10
+            )
+            await asyncio.sleep(1.5)
+            before = len(viewer.events("leaderboard:algebra:daily", "leaderboard_update"))
+            await http.post("/api/events", json=quiz("low", "eleventh", 1))
+            await asyncio.sleep(2.5)
+            assert len(viewer.events("leaderboard:algebra:daily", "leaderboard_update")) == before
+        finally:
+            await viewer.close()

@@ -25,7 +25,10 @@ def test_valid_token_yields_its_claims():
         (None, "missing token"),
         ("", "missing token"),
         ("not-a-jwt", "invalid token"),
-        (jwt.encode({"sub": "u", "exp": time.time() + 86400}, "other-key-" * 4, algorithm="HS256"), "signature"),
+        (
+            jwt.encode({"sub": "u", "exp": time.time() + 86400}, "other-key-" * 4, algorithm="HS256"),
+            "signature",
+        ),
         (jwt.encode({"sub": "u", "exp": time.time() - 5}, KEY, algorithm="HS256"), "expired"),
         (jwt.encode({"exp": time.time() + 86400}, KEY, algorithm="HS256"), "'sub'"),
         (jwt.encode({"sub": "u"}, KEY, algorithm="HS256"), "'exp'"),

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from channels import ChannelContext, build_router
+from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
 from metrics import EventIngest, stream_from_url
 from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
@@ -110,10 +110,12 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     database = Database(settings.database_url)
     stream = stream_from_url(settings.broker_url)
     ingest = EventIngest(database, stream)
+    leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
+    board_watcher = BoardWatcher(endpoint.hub, leaderboards)
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
     runner = (
-        build_runner(settings, database, stream, ingest, endpoint.hub)
+        build_runner(settings, database, stream, ingest, endpoint.hub, leaderboards)
         if settings.broker_url.startswith("memory://")
         else None
     )
@@ -122,6 +124,8 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         presence=tracker,
         database=database,
         ingest=ingest,
+        leaderboards=leaderboards,
+        board_watcher=board_watcher,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
 
@@ -129,6 +133,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await endpoint.start()
         await tracker.start()
+        await board_watcher.start()
         if runner is not None:
             await runner.start()
         log.info("viral-engine ready: broker=%s node=%s", settings.broker_url, tracker.node)
@@ -137,9 +142,11 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         finally:
             if runner is not None:
                 await runner.stop()
+            await board_watcher.stop()
             await tracker.stop()
             await endpoint.stop()
             await stream.close()
+            await leaderboards.store.close()
             await database.dispose()
 
     routes = [

@@ -81,6 +81,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     """The event consumers for multi-process deployments (Procfile `worker`); run as many as you like."""
+    from channels import Leaderboards, boards_from_url
     from metrics import EventIngest, stream_from_url
     from realtime import Hub, RealtimeStats, broker_from_url
     from store import Database
@@ -99,7 +100,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         stream = stream_from_url(settings.broker_url)
         hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
         await hub.start()
-        runner = build_runner(settings, database, stream, EventIngest(database, stream), hub)
+        leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
+        runner = build_runner(settings, database, stream, EventIngest(database, stream), hub, leaderboards)
         await runner.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -110,6 +112,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         await runner.stop()
         await hub.stop()
         await stream.close()
+        await leaderboards.store.close()
         await database.dispose()
         return 0
 

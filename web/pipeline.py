@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from channels import FeedConsumer
+from channels import FeedConsumer, LeaderboardConsumer, Leaderboards
 from metrics import ConsumerRunner, EventIngest, EventStream
 from realtime import Hub
 from store import Database
@@ -13,13 +13,18 @@ from .config import Settings
 
 
 def build_runner(
-    settings: Settings, database: Database, stream: EventStream, ingest: EventIngest, hub: Hub
+    settings: Settings,
+    database: Database,
+    stream: EventStream,
+    ingest: EventIngest,
+    hub: Hub,
+    leaderboards: Leaderboards,
 ) -> ConsumerRunner:
     """Every consumer of the event stream; `hub` is how their results reach sockets on every node."""
     return ConsumerRunner(
         database,
         stream,
-        [FeedConsumer(hub)],
+        [FeedConsumer(hub), LeaderboardConsumer(leaderboards, hub)],
         relay=ingest.relay_unpublished,
         reconcile_every=settings.events_maintenance_every,
         reconcile_after=timedelta(seconds=settings.events_reconcile_after),

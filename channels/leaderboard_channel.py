@@ -1,0 +1,117 @@
+"""`leaderboard:{subject}:{window}`: the top 10 and the viewer's own standing, kept current.
+
+The join reply is `{"top": [...], "you": {"rank", "score"} | null, "period"}`. After that each node
+pushes `leaderboard_update` with the same shape to its own viewers at most once a second per
+board, and only to a viewer whose top 10 or own standing changed (a new period counts as a change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from realtime import Channel, Hub, JoinError
+
+from .context import ChannelContext
+from .leaderboard import CHANGES_TOPIC, WINDOWS, Leaderboards
+from .presence import SUBJECT
+
+log = logging.getLogger(__name__)
+
+
+class LeaderboardChannel(Channel):
+    __slots__ = ("last_sent", "subject", "window")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        _, self.subject, self.window = ([*self.topic.split(":", 2), "", ""])[:3]
+        self.last_sent: dict[str, Any] | None = None
+
+    async def join(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not SUBJECT.match(self.subject):
+            raise JoinError("invalid subject: use 1-64 letters, digits, '-' or '_'")
+        if self.window not in WINDOWS:
+            raise JoinError(f"window must be one of {list(WINDOWS)}")
+        context: ChannelContext = self.context
+        view = await context.leaderboards.view(
+            self.subject, self.window, str(self.claims["sub"]), datetime.now(UTC)
+        )
+        self.last_sent = view
+        context.board_watcher.watch(self)
+        return view
+
+    async def terminate(self, reason: str) -> None:
+        context: ChannelContext = self.context
+        context.board_watcher.unwatch(self)
+
+
+class BoardWatcher:
+    """Per node: hears which subjects changed, and refreshes its own viewers once a second."""
+
+    def __init__(self, hub: Hub, leaderboards: Leaderboards, interval: float = 1.0) -> None:
+        self.hub = hub
+        self.leaderboards = leaderboards
+        self.interval = interval
+        self._viewers: dict[tuple[str, str], set[LeaderboardChannel]] = {}
+        self._dirty: set[str] = set()
+        self._periods: dict[tuple[str, str], str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, channel: LeaderboardChannel) -> None:
+        self._viewers.setdefault((channel.subject, channel.window), set()).add(channel)
+
+    def unwatch(self, channel: LeaderboardChannel) -> None:
+        viewers = self._viewers.get((channel.subject, channel.window))
+        if viewers is not None:
+            viewers.discard(channel)
+            if not viewers:
+                del self._viewers[(channel.subject, channel.window)]
+
+    async def start(self) -> None:
+        await self.hub.listen(CHANGES_TOPIC, self._on_change)
+        self._task = asyncio.create_task(self._run(), name="leaderboard-watcher")
+
+    async def stop(self) -> None:
+        self.hub.unlisten(CHANGES_TOPIC, self._on_change)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _on_change(self, raw: bytes) -> None:
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+            self._dirty.add(str(orjson.loads(raw)["subject"]))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("leaderboard refresh failed")
+
+    async def refresh(self) -> int:
+        """Push to every viewer whose view changed; returns how many pushes went out."""
+        now = datetime.now(UTC)
+        dirty, self._dirty = self._dirty, set()
+        pushed = 0
+        for (subject, window), viewers in list(self._viewers.items()):
+            current_period = self.leaderboards.period(window, now)
+            rolled = self._periods.get((subject, window)) not in (None, current_period)
+            self._periods[(subject, window)] = current_period
+            if subject not in dirty and not rolled:
+                continue
+            key, top = await self.leaderboards.top(subject, window, now)
+            for channel in list(viewers):
+                you = await self.leaderboards.you(key, str(channel.claims["sub"]))
+                view = {"top": top, "you": you, "period": current_period}
+                if view != channel.last_sent:
+                    channel.last_sent = view
+                    channel.push("leaderboard_update", view)
+                    pushed += 1
+        return pushed
