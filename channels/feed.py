@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
-from store import Feed, FeedItem, User
+from store import Database, Feed, FeedItem, User
 
 from .privacy import ANONYMOUS_NAME
 
@@ -107,8 +107,23 @@ class FeedConsumer:
 
     name = "feed"
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, retained: int = RETAINED_PER_FEED) -> None:
         self.hub = hub
+        self.retained = retained
+
+    async def maintain(self, database: Database) -> int:
+        """Keep the newest `retained` items of each feed; a client further behind gets `recovered: false`."""
+        async with database.session() as session, session.begin():
+            feeds = (await session.execute(select(Feed.name, Feed.next_offset))).all()
+            removed = 0
+            for name, next_offset in feeds:
+                keep_from = next_offset - self.retained
+                if keep_from > 1:
+                    result = await session.execute(
+                        delete(FeedItem).where(FeedItem.feed == name, FeedItem.offset < keep_from)
+                    )
+                    removed += result.rowcount or 0
+        return removed
 
     async def handle(self, event: dict[str, Any], session: AsyncSession) -> Any:
         user = await session.get(User, event["user_id"])

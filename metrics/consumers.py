@@ -36,6 +36,8 @@ AfterCommit = Callable[[], Awaitable[None]]
 
 
 class Consumer(Protocol):
+    """`name` keys its progress; an optional `async maintain(database)` runs with the upkeep."""
+
     name: str
 
     async def handle(self, event: dict[str, Any], session: AsyncSession) -> AfterCommit | None:
@@ -188,6 +190,10 @@ class ConsumerRunner:
                 if self.relay is not None:
                     await self.relay()
                 await self.reconcile()
+                for consumer in self.consumers:
+                    maintain = getattr(consumer, "maintain", None)
+                    if maintain is not None:
+                        await maintain(self.database)
             except asyncio.CancelledError:
                 raise
             except Exception:

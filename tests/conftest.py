@@ -105,16 +105,31 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path, sqlite_template: Path) -> Iterator[Any]:
-    """Starts real server processes; unless told otherwise they share one fresh SQLite database."""
+def server_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The fresh database the servers of one test share: SQLite, or PostgreSQL when
+    TEST_DATABASE=postgresql (as CI runs the suite)."""
+    if os.environ.get("TEST_DATABASE", "sqlite") == "postgresql":
+        base = request.getfixturevalue("postgres_url")
+        template = request.getfixturevalue("postgres_template")
+        name = f"viral_s_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        asyncio.run(_pg_admin(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+        yield _with_database(base, name)
+        asyncio.run(_pg_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    else:
+        path = tmp_path / "shared.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, server_database: str) -> Iterator[Any]:
+    """Starts real server processes; unless told otherwise they share one fresh database."""
     started: list[ServerProcess] = []
-    shared_db = tmp_path / "shared.db"
-    shutil.copy(sqlite_template, shared_db)
 
     def start(
         env: dict[str, str] | None = None, port: int | None = None, args: tuple[str, ...] = ()
     ) -> ServerProcess:
-        env = {"DATABASE_URL": f"sqlite+aiosqlite:///{shared_db}", **(env or {})}
+        env = {"DATABASE_URL": server_database, **(env or {})}
         srv = ServerProcess(tmp_path, env, port, args).start()
         started.append(srv)
         return srv

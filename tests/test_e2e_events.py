@@ -11,7 +11,7 @@ import pytest
 from servers import PhxClient, RedisServer, WorkerProcess, make_token
 from sqlalchemy import func, select
 
-from store import Consumption, Database, Event, FeedItem
+from store import Consumption, Database, Event, FeedItem, ScoreEntry
 
 
 def headers(sub: str, role: str = "student", **claims) -> dict[str, str]:
@@ -176,10 +176,8 @@ async def test_every_event_is_processed_once_through_a_killed_worker_and_a_resta
         async with asyncio.timeout(60):
             while True:
                 async with database.session() as session:
-                    done = await session.scalar(
-                        select(func.count()).select_from(Consumption).where(Consumption.consumer == "feed")
-                    )
-                if done >= total:
+                    done = await session.scalar(select(func.count()).select_from(Consumption))
+                if done >= 2 * total:  # the feed and leaderboard consumers
                     break
                 await asyncio.sleep(0.25)
         await asyncio.sleep(1.5)  # let any duplicate delivery show itself
@@ -192,7 +190,8 @@ async def test_every_event_is_processed_once_through_a_killed_worker_and_a_resta
                     )
                 ).all()
             )
-            assert statuses == {"done": total}
+            assert statuses == {"done": 2 * total}
+            assert await session.scalar(select(func.count()).select_from(ScoreEntry)) == total
             assert await session.scalar(select(func.count()).select_from(FeedItem)) == 3 * total
             per_event = (
                 await session.execute(select(FeedItem.event_id, func.count()).group_by(FeedItem.event_id))

@@ -65,8 +65,11 @@ async def _client(
     return NodeClient(proc)
 
 
-async def test_phoenix_js_joins_receives_leaves_and_reconnects_after_restart(node, tmp_path: Path):
-    server = ServerProcess(tmp_path).start()
+async def test_phoenix_js_joins_receives_leaves_and_reconnects_after_restart(
+    node, tmp_path: Path, server_database: str
+):
+    env = {"DATABASE_URL": server_database}
+    server = ServerProcess(tmp_path, env).start()
     client = await _client(node, server, make_token("u1"), "user:u1")
     try:
         assert (await client.expect("joined"))["count"] == 1
@@ -75,7 +78,7 @@ async def test_phoenix_js_joins_receives_leaves_and_reconnects_after_restart(nod
 
         server.terminate()  # SIGTERM: sockets get 1001 and the client starts reconnecting
         assert (await client.expect("close"))["code"] == 1001
-        server = ServerProcess(tmp_path, port=server.port).start()
+        server = ServerProcess(tmp_path, env, port=server.port).start()
         assert (await client.expect("joined", timeout=20))["count"] == 2  # phoenix.js rejoined by itself
         assert (await asyncio.to_thread(server.publish, "user:u1", "nudge", {"n": 2})).status_code == 202
         assert (await client.expect("nudge"))["payload"] == {"n": 2}

@@ -226,3 +226,24 @@ async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):
         expired = await feed_history(session, "global", since=1, epoch=epoch)
         assert expired["recovered"] is False
         assert (await feed_history(session, "global", since=3, epoch=epoch))["recovered"] is True
+
+
+async def test_feeds_keep_only_their_newest_items(db, hub):
+    consumer = FeedConsumer(hub, retained=3)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
+    for i in range(5):
+        message = {
+            "id": f"k{i}",
+            "type": "practice_completed",
+            "user_id": "maya",
+            "ts": utcnow().isoformat(),
+            "props": {"subject": "art"},
+            "actor_id": "maya",
+        }
+        await runner.process(consumer, message)
+    assert await consumer.maintain(db) == 2 * 3  # global, subject:art, user:maya lose two each
+    async with db.session() as session:
+        page = await feed_history(session, "global")
+        assert [i["offset"] for i in page["items"]] == [3, 4, 5]
+        assert (await feed_history(session, "global", since=1, epoch=page["epoch"]))["recovered"] is False
+        assert (await feed_history(session, "global", since=2, epoch=page["epoch"]))["recovered"] is True
