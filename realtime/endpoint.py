@@ -139,6 +139,18 @@ class PhoenixEndpoint:
             outbound = fast.attach(max_buffer_bytes=self.limits.outbound_max_bytes, stats=self.stats)
         else:
             outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
+        sock = self.open_socket(claims, outbound)
+        try:
+            await self._receive_loop(sock, receive)
+        finally:
+            self.sockets.discard(sock)
+            self.stats.sockets_closed += 1
+            await sock.terminate("closed")
+            if isinstance(outbound, AsgiOutbound):
+                await outbound.aclose()
+
+    def open_socket(self, claims: dict[str, Any], outbound: Outbound) -> Socket:
+        """A socket for an authenticated client, writing to `outbound`, registered with this endpoint."""
         sock = Socket(
             claims,
             outbound,
@@ -150,14 +162,7 @@ class PhoenixEndpoint:
         )
         self.sockets.add(sock)
         self.stats.sockets_opened += 1
-        try:
-            await self._receive_loop(sock, receive)
-        finally:
-            self.sockets.discard(sock)
-            self.stats.sockets_closed += 1
-            await sock.terminate("closed")
-            if isinstance(outbound, AsgiOutbound):
-                await outbound.aclose()
+        return sock
 
     async def _receive_loop(self, sock: Socket, receive: Receive) -> None:
         while True:

@@ -112,15 +112,4 @@ class ChannelTestKit:
 
     def connect(self, claims: dict[str, Any]) -> TestClient:
         outbound = RecordingOutbound()
-        ep = self.endpoint
-        sock = Socket(
-            claims,
-            outbound,
-            hub=ep.hub,
-            router=ep.router,
-            limits=ep.limits,
-            stats=ep.stats,
-            context=ep.context,
-        )
-        ep.sockets.add(sock)
-        return TestClient(sock, outbound)
+        return TestClient(self.endpoint.open_socket(claims, outbound), outbound)

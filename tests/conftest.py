@@ -88,14 +88,8 @@ async def _pg_admin(url: str, *statements: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of each kind for this test."""
-    if request.param == "sqlite":
-        path = tmp_path / "fresh.db"
-        shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite+aiosqlite:///{path}"
-        return
+def _fresh_postgres(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new PostgreSQL database copied from the migrated template, dropped afterwards."""
     base = request.getfixturevalue("postgres_url")
     template = request.getfixturevalue("postgres_template")
     name = f"viral_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
@@ -104,17 +98,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     asyncio.run(_pg_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of each kind for this test."""
+    if request.param == "sqlite":
+        path = tmp_path / "fresh.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    yield from _fresh_postgres(request)
+
+
 @pytest.fixture
 def server_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The fresh database the servers of one test share: SQLite, or PostgreSQL when
     TEST_DATABASE=postgresql (as CI runs the suite)."""
     if os.environ.get("TEST_DATABASE", "sqlite") == "postgresql":
-        base = request.getfixturevalue("postgres_url")
-        template = request.getfixturevalue("postgres_template")
-        name = f"viral_s_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_pg_admin(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        yield _with_database(base, name)
-        asyncio.run(_pg_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        yield from _fresh_postgres(request)
     else:
         path = tmp_path / "shared.db"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)

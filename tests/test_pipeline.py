@@ -19,6 +19,18 @@ def session_event(eid: str, user: str = "maya", subject: str = "algebra", minute
     return EventIn(eid, "session_completed", user, utcnow(), {"subject": subject, "minutes": minutes})
 
 
+def stream_message(eid: str, etype: str, user: str, props: dict) -> dict:
+    """An event as consumers receive it from the stream."""
+    return {
+        "id": eid,
+        "type": etype,
+        "user_id": user,
+        "ts": utcnow().isoformat(),
+        "props": props,
+        "actor_id": user,
+    }
+
+
 @pytest.fixture
 async def db(database_url):
     database = Database(database_url)
@@ -97,14 +109,7 @@ async def test_redis_stream_redelivers_what_a_crashed_consumer_did_not_ack(redis
 async def test_a_consumer_applies_each_event_once_however_often_it_arrives(db, hub):
     consumer = FeedConsumer(hub)
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
-    message = {
-        "id": "e1",
-        "type": "session_completed",
-        "user_id": "maya",
-        "ts": utcnow().isoformat(),
-        "props": {"subject": "algebra", "minutes": 20},
-        "actor_id": "maya",
-    }
+    message = stream_message("e1", "session_completed", "maya", {"subject": "algebra", "minutes": 20})
     results = [await runner.process(consumer, message) for _ in range(3)]
     assert results == ["done", "duplicate", "duplicate"]
     assert await count(db, FeedItem) == 3  # own feed, global, subject: once each
@@ -163,14 +168,7 @@ async def test_feed_items_follow_the_privacy_rules(db, hub):
     consumer = FeedConsumer(hub)
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for user in ("maya", "kid", "shy", "nobody"):
-        message = {
-            "id": f"ev-{user}",
-            "type": "quiz_result",
-            "user_id": user,
-            "ts": utcnow().isoformat(),
-            "props": {"subject": "geometry", "score": 92},
-            "actor_id": user,
-        }
+        message = stream_message(f"ev-{user}", "quiz_result", user, {"subject": "geometry", "score": 92})
         await runner.process(consumer, message)
     async with db.session() as session:
         public = (await feed_history(session, "global"))["items"]
@@ -194,14 +192,7 @@ async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):
     consumer = FeedConsumer(hub)
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for i in range(5):
-        message = {
-            "id": f"h{i}",
-            "type": "practice_completed",
-            "user_id": "maya",
-            "ts": utcnow().isoformat(),
-            "props": {"subject": "art"},
-            "actor_id": "maya",
-        }
+        message = stream_message(f"h{i}", "practice_completed", "maya", {"subject": "art"})
         await runner.process(consumer, message)
     async with db.session() as session:
         page = await feed_history(session, "global", limit=2)
@@ -232,14 +223,7 @@ async def test_feeds_keep_only_their_newest_items(db, hub):
     consumer = FeedConsumer(hub, retained=3)
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for i in range(5):
-        message = {
-            "id": f"k{i}",
-            "type": "practice_completed",
-            "user_id": "maya",
-            "ts": utcnow().isoformat(),
-            "props": {"subject": "art"},
-            "actor_id": "maya",
-        }
+        message = stream_message(f"k{i}", "practice_completed", "maya", {"subject": "art"})
         await runner.process(consumer, message)
     assert await consumer.maintain(db) == 2 * 3  # global, subject:art, user:maya lose two each
     async with db.session() as session:
