@@ -77,16 +77,10 @@ class EventIngest:
         insert = pg_insert if self.database.dialect == "postgresql" else sqlite_insert
         try:
             async with self.database.session() as session, session.begin():
-                created: set[str] = set()
-                # Chunks keep each statement well under the drivers' bind-parameter limits.
-                for start in range(0, len(rows), 500):
-                    stmt = (
-                        insert(Event)
-                        .values(rows[start : start + 500])
-                        .on_conflict_do_nothing(index_elements=["id"])
-                        .returning(Event.id)
-                    )
-                    created.update((await session.execute(stmt)).scalars())
+                # One cached statement, many parameter sets: SQLAlchemy batches them into multi-row
+                # INSERTs ("insertmanyvalues") and still tells us which rows were new.
+                stmt = insert(Event).on_conflict_do_nothing(index_elements=["id"]).returning(Event.id)
+                created: set[str] = set((await session.execute(stmt, rows)).scalars()) if rows else set()
                 if actor_claims is not None and actor_claims.get("role") != "admin":
                     await self._refresh_profile(session, insert, actor_claims)
                 opted_out = {e.user_id for e in unique if e.id in created and e.type == "opt_out"}
@@ -99,16 +93,11 @@ class EventIngest:
                             index_elements=["id"], set_={"opted_out": True, "updated_at": now}
                         )
                     )
-                stored = (
-                    (await session.execute(select(Event).where(Event.id.in_(created)))).scalars().all()
-                    if created
-                    else []
-                )
         except Exception as exc:
             log.warning("event ingest could not write to the database: %s", exc)
             raise IngestUnavailable(str(exc)) from exc
-        if stored:
-            await self.publish(list(stored))
+        if created:
+            await self.publish([Event(**row) for row in rows if row["id"] in created])
         return [Accepted(e.id, e.id not in created) for e in events]
 
     @staticmethod
