@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
-from store import Database, Feed, FeedItem, User
+from store import Database, Feed, FeedItem, User, utcnow
 
 from .privacy import ANONYMOUS_NAME
 
@@ -82,24 +82,50 @@ def item_payload(item: FeedItem) -> dict[str, Any]:
     }
 
 
+def row_payload(row: dict[str, Any]) -> dict[str, Any]:
+    """The same shape as `item_payload`, from a row about to be inserted."""
+    return {
+        "offset": row["offset"],
+        "kind": row["kind"],
+        "text": row["text"],
+        "data": row["data"],
+        "created_at": row["created_at"].isoformat(),
+    }
+
+
 def dialect_insert(session: AsyncSession) -> Any:
     """`INSERT … ON CONFLICT` for the session's database."""
     return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
 
 
-async def _next_offset(session: AsyncSession, feed: str) -> int:
+async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict[str, int]:
+    """Reserve `counts[feed]` consecutive offsets in each feed; returns the first offset of each.
+
+    Feed rows are locked in name order (PostgreSQL: SELECT … FOR UPDATE), so workers processing
+    batches at the same time wait for each other instead of deadlocking; SQLite locks the database.
+    """
+    if not counts:
+        return {}
+    names = sorted(counts)
     insert = dialect_insert(session)
     await session.execute(
-        insert(Feed).values(name=feed, epoch=secrets.token_hex(8), next_offset=1).on_conflict_do_nothing()
+        insert(Feed).on_conflict_do_nothing(),
+        [{"name": name, "epoch": secrets.token_hex(8), "next_offset": 1} for name in names],
     )
-    # The row lock (PostgreSQL) or database lock (SQLite) makes concurrent workers take turns.
-    result = await session.execute(
-        update(Feed)
-        .where(Feed.name == feed)
-        .values(next_offset=Feed.next_offset + 1)
-        .returning(Feed.next_offset)
+    rows = (
+        await session.execute(
+            select(Feed.name, Feed.next_offset)
+            .where(Feed.name.in_(names))
+            .order_by(Feed.name)
+            .with_for_update()
+        )
+    ).all()
+    first = {name: int(offset) for name, offset in rows}
+    await session.execute(
+        update(Feed),
+        [{"name": name, "next_offset": first[name] + counts[name]} for name in names],
     )
-    return int(result.scalar_one()) - 1
+    return first
 
 
 class FeedConsumer:
@@ -125,40 +151,54 @@ class FeedConsumer:
                     removed += result.rowcount or 0
         return removed
 
-    async def handle(self, event: dict[str, Any], session: AsyncSession) -> Any:
-        user = await session.get(User, event["user_id"])
-        name = user.display_name if user is not None and user.display_name else ANONYMOUS_NAME
-        if user is None or user.minor:
-            public_name: str | None = ANONYMOUS_NAME
-        else:
-            public_name = name
-        if user is not None and user.opted_out:
-            public_name = None
-        activity = describe(event, name=name, public_name=public_name)
-        if activity is None:
+    async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> Any:
+        user_ids = {e["user_id"] for e in events}
+        users = {
+            u.id: u for u in (await session.execute(select(User).where(User.id.in_(user_ids)))).scalars()
+        }
+        planned: list[tuple[str, str, str, Activity]] = []  # (feed, text, event id, activity)
+        for event in events:
+            user = users.get(event["user_id"])
+            name = user.display_name if user is not None and user.display_name else ANONYMOUS_NAME
+            public_name: str | None = ANONYMOUS_NAME if user is None or user.minor else name
+            if user is not None and user.opted_out:
+                public_name = None
+            activity = describe(event, name=name, public_name=public_name)
+            if activity is None:
+                continue
+            planned.append((f"user:{event['user_id']}", activity.own_text, event["id"], activity))
+            if activity.public_text is not None:
+                planned.append(("global", activity.public_text, event["id"], activity))
+                if activity.subject:
+                    planned.append(
+                        (f"subject:{activity.subject}", activity.public_text, event["id"], activity)
+                    )
+        if not planned:
             return None
-        targets: list[tuple[str, str]] = [(f"user:{event['user_id']}", activity.own_text)]
-        if activity.public_text is not None:
-            targets.append(("global", activity.public_text))
-            if activity.subject:
-                targets.append((f"subject:{activity.subject}", activity.public_text))
-        items = []
-        for feed, text in targets:
-            item = FeedItem(
-                feed=feed,
-                offset=await _next_offset(session, feed),
-                event_id=event["id"],
-                kind=activity.kind,
-                text=text,
-                data={"subject": activity.subject, **activity.data},
+        counts: dict[str, int] = {}
+        for feed, *_ in planned:
+            counts[feed] = counts.get(feed, 0) + 1
+        next_offset = await reserve_offsets(session, counts)
+        now = utcnow()
+        rows = []
+        for feed, text, event_id, activity in planned:
+            rows.append(
+                {
+                    "feed": feed,
+                    "offset": next_offset[feed],
+                    "event_id": event_id,
+                    "kind": activity.kind,
+                    "text": text,
+                    "data": {"subject": activity.subject, **activity.data},
+                    "created_at": now,
+                }
             )
-            session.add(item)
-            items.append(item)
-        await session.flush()
+            next_offset[feed] += 1
+        await session.execute(insert(FeedItem), rows)
 
         async def push() -> None:
-            for item in items:
-                await self.hub.broadcast(feed_topic(item.feed), ITEM_EVENT, item_payload(item))
+            for row in rows:
+                await self.hub.broadcast(feed_topic(row["feed"]), ITEM_EVENT, row_payload(row))
 
         return push
 

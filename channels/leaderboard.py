@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
@@ -285,47 +285,81 @@ class LeaderboardConsumer:
         self.boards = boards
         self.hub = hub
 
-    async def handle(self, event: dict[str, Any], session: AsyncSession) -> Any:
-        subject = event["props"].get("subject")
-        points = points_for(event)
-        if not isinstance(subject, str) or points <= 0:
+    async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> Any:
+        scored = [(e, points_for(e)) for e in events]
+        scored = [(e, p) for e, p in scored if p > 0 and isinstance(e["props"].get("subject"), str)]
+        if not scored:
             return None
-        ts = datetime.fromisoformat(event["ts"])
-        day = window_start("daily", ts)
-        assert day is not None
-        earned_today = await session.scalar(
-            select(func.coalesce(func.sum(ScoreEntry.points), 0)).where(
-                ScoreEntry.user_id == event["user_id"],
-                ScoreEntry.subject == subject,
-                ScoreEntry.ts >= day,
-                ScoreEntry.ts < day + timedelta(days=1),
+        # What each (user, subject, day) already earned, so the daily cap holds across batches.
+        days = {_day(e) for e, _ in scored}
+        earned: dict[tuple[str, str, datetime], int] = {}
+        previous = await session.execute(
+            select(ScoreEntry.user_id, ScoreEntry.subject, ScoreEntry.ts, ScoreEntry.points).where(
+                ScoreEntry.user_id.in_({e["user_id"] for e, _ in scored}),
+                ScoreEntry.subject.in_({e["props"]["subject"] for e, _ in scored}),
+                ScoreEntry.ts >= min(days),
+                ScoreEntry.ts < max(days) + timedelta(days=1),
             )
         )
-        points = min(points, max(0, DAILY_CAP - int(earned_today or 0)))
-        if points == 0:
+        for user_id, subject, ts, points in previous:
+            bucket = (user_id, subject, ts.replace(hour=0, minute=0, second=0, microsecond=0))
+            earned[bucket] = earned.get(bucket, 0) + points
+        rows = []
+        for event, wanted in scored:
+            bucket = (event["user_id"], event["props"]["subject"], _day(event))
+            points = min(wanted, max(0, DAILY_CAP - earned.get(bucket, 0)))
+            if points:
+                earned[bucket] = earned.get(bucket, 0) + points
+                rows.append(
+                    {
+                        "event_id": event["id"],
+                        "user_id": event["user_id"],
+                        "subject": event["props"]["subject"],
+                        "points": points,
+                        "ts": datetime.fromisoformat(event["ts"]),
+                    }
+                )
+        if not rows:
             return None
-        session.add(
-            ScoreEntry(event_id=event["id"], user_id=event["user_id"], subject=subject, points=points, ts=ts)
-        )
-        user = await session.get(User, event["user_id"])
-        if user is not None and user.opted_out:
-            return None  # scored (so it counts if they opt back in and boards are rebuilt), never shown
-        if user is None or user.minor or not user.display_name:
-            label = ANONYMOUS
-        else:
-            label = Label(user.display_name, False)
-        user_id = event["user_id"]
+        await session.execute(insert(ScoreEntry), rows)
+        user_ids = {r["user_id"] for r in rows}
+        users = {
+            u.id: u for u in (await session.execute(select(User).where(User.id.in_(user_ids)))).scalars()
+        }
 
         async def apply() -> None:
             store = self.boards.store
-            await store.set_label(user_id, label)
             now = datetime.now(UTC)
-            for window in WINDOWS:
-                if period(window, ts) != period(window, now):
-                    continue  # a backfill into a past period: the database has it; no live board to touch
-                key, rebuilt = await self.boards.ensure(subject, window, now)
-                if not rebuilt:  # a rebuilt board already holds this event's points
-                    await store.add(key, user_id, points, TTL[window])
-            await self.hub.publish_raw(CHANGES_TOPIC, orjson.dumps({"subject": subject}))
+            totals: dict[tuple[str, str, str], int] = {}  # (subject, window, user) -> points to add
+            for row in rows:
+                user = users.get(row["user_id"])
+                if user is not None and user.opted_out:
+                    continue  # scored (it counts if they opt back in and boards are rebuilt), never shown
+                for window in WINDOWS:
+                    if period(window, row["ts"]) == period(window, now):  # backfills: the database has them
+                        key = (row["subject"], window, row["user_id"])
+                        totals[key] = totals.get(key, 0) + row["points"]
+            for user_id in user_ids:
+                user = users.get(user_id)
+                label = (
+                    ANONYMOUS
+                    if user is None or user.minor or not user.display_name
+                    else Label(user.display_name, False)
+                )
+                await store.set_label(user_id, label)
+            rebuilt: dict[tuple[str, str], bool] = {}
+            for (subject, window, user_id), points in totals.items():
+                if (subject, window) not in rebuilt:
+                    _, rebuilt[(subject, window)] = await self.boards.ensure(subject, window, now)
+                if not rebuilt[(subject, window)]:  # a rebuilt board already holds these points
+                    await store.add(board_key(subject, window, now), user_id, points, TTL[window])
+            for subject in {s for s, _, _ in totals}:
+                await self.hub.publish_raw(CHANGES_TOPIC, orjson.dumps({"subject": subject}))
 
         return apply
+
+
+def _day(event: dict[str, Any]) -> datetime:
+    day = window_start("daily", datetime.fromisoformat(event["ts"]))
+    assert day is not None
+    return day

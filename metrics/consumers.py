@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -40,8 +40,9 @@ class Consumer(Protocol):
 
     name: str
 
-    async def handle(self, event: dict[str, Any], session: AsyncSession) -> AfterCommit | None:
-        """Apply the event's effects in `session`; return what to do once they are committed."""
+    async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> AfterCommit | None:
+        """Apply the events' effects in `session` (set-based where it can: a batch is up to 100);
+        return what to do once they are committed."""
 
 
 @dataclass
@@ -109,36 +110,68 @@ class ConsumerRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            for delivery in batch:
-                await self.process(consumer, delivery.event)
-            await self.stream.ack(consumer.name, [d.ack_id for d in batch])
+            if batch:
+                await self.process_batch(consumer, [d.event for d in batch])
+                await self.stream.ack(consumer.name, [d.ack_id for d in batch])
+
+    async def _apply(self, consumer: Consumer, events: list[dict[str, Any]], attempt: int) -> int:
+        """One transaction: skip what this consumer already did, apply the rest, mark it done.
+        Returns how many events were new; raises what the consumer raised."""
+        ids = list(dict.fromkeys(e["id"] for e in events))
+        async with self.database.session() as session:
+            async with session.begin():
+                seen = set(
+                    (
+                        await session.execute(
+                            select(Consumption.event_id).where(
+                                Consumption.consumer == consumer.name, Consumption.event_id.in_(ids)
+                            )
+                        )
+                    ).scalars()
+                )
+                fresh = list({e["id"]: e for e in events if e["id"] not in seen}.values())
+                self.stats.duplicates += len(events) - len(fresh)
+                if not fresh:
+                    return 0
+                after = await consumer.handle(fresh, session)
+                await session.execute(
+                    insert(Consumption),
+                    [
+                        {
+                            "consumer": consumer.name,
+                            "event_id": e["id"],
+                            "status": "done",
+                            "attempts": attempt,
+                        }
+                        for e in fresh
+                    ],
+                )
+        self.stats.processed += len(fresh)
+        if after is not None:
+            try:
+                await after()
+            except Exception:
+                log.exception("after-commit step of %s failed for %d events", consumer.name, len(fresh))
+        return len(fresh)
+
+    async def process_batch(self, consumer: Consumer, events: list[dict[str, Any]]) -> None:
+        """The fast path: a whole batch in one transaction. If it fails, every event goes through
+        `process` on its own, so one bad event is retried and parked without holding up the rest."""
+        try:
+            await self._apply(consumer, events, 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("batch of %d failed for %s (%s); processing one by one", len(events), consumer.name, exc)
+            for event in events:
+                await self.process(consumer, event)
 
     async def process(self, consumer: Consumer, event: dict[str, Any]) -> str:
         """Process one event for one consumer: 'done', 'duplicate' or 'parked'. Never raises."""
         last_error = ""
         for attempt in range(1, self.max_attempts + 1):
             try:
-                async with self.database.session() as session:
-                    async with session.begin():
-                        seen = await session.get(Consumption, (consumer.name, event["id"]))
-                        if seen is not None:
-                            self.stats.duplicates += 1
-                            return "duplicate"
-                        after = await consumer.handle(event, session)
-                        session.add(
-                            Consumption(
-                                consumer=consumer.name, event_id=event["id"], status="done", attempts=attempt
-                            )
-                        )
-                self.stats.processed += 1
-                if after is not None:
-                    try:
-                        await after()
-                    except Exception:
-                        log.exception(
-                            "after-commit step of %s failed for event %s", consumer.name, event["id"]
-                        )
-                return "done"
+                return "done" if await self._apply(consumer, [event], attempt) else "duplicate"
             except IntegrityError:
                 # Another worker committed this event for this consumer at the same moment.
                 self.stats.duplicates += 1
@@ -226,8 +259,8 @@ class ConsumerRunner:
                     .scalars()
                     .all()
                 )
-            for event in missing:
-                await self.process(consumer, event_message(event))
+            if missing:
+                await self.process_batch(consumer, [event_message(e) for e in missing])
             total += len(missing)
         if total:
             self.stats.reconciled += total

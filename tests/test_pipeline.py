@@ -122,7 +122,7 @@ class Flaky:
         self.failures = failures
         self.calls = 0
 
-    async def handle(self, event, session):
+    async def handle(self, events, session):
         self.calls += 1
         if self.calls <= self.failures:
             raise RuntimeError(f"boom {self.calls}")
@@ -231,3 +231,30 @@ async def test_feeds_keep_only_their_newest_items(db, hub):
         assert [i["offset"] for i in page["items"]] == [3, 4, 5]
         assert (await feed_history(session, "global", since=1, epoch=page["epoch"]))["recovered"] is False
         assert (await feed_history(session, "global", since=2, epoch=page["epoch"]))["recovered"] is True
+
+
+class Picky:
+    """Fails on any batch holding a 'poison' event, like a consumer hitting one bad row."""
+
+    name = "picky"
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    async def handle(self, events, session):
+        if any(e["id"] == "poison" for e in events):
+            raise ValueError("cannot digest poison")
+        self.applied += [e["id"] for e in events]
+        return None
+
+
+async def test_one_bad_event_in_a_batch_is_parked_and_the_rest_go_through(db):
+    picky = Picky()
+    runner = ConsumerRunner(db, MemoryEventStream(), [picky], max_attempts=2, retry_base_delay=0.01)
+    await runner.process_batch(picky, [{"id": "ok1"}, {"id": "poison"}, {"id": "ok2"}, {"id": "ok1"}])
+    assert sorted(picky.applied) == ["ok1", "ok2"]
+    async with db.session() as session:
+        rows = {r.event_id: r.status for r in (await session.execute(select(Consumption))).scalars()}
+    assert rows == {"ok1": "done", "ok2": "done", "poison": "parked"}
+    await runner.process_batch(picky, [{"id": "ok1"}, {"id": "ok3"}])
+    assert sorted(picky.applied) == ["ok1", "ok2", "ok3"]
