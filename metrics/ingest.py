@@ -7,6 +7,8 @@ so a crash or a Redis outage between commit and append loses nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ class EventIngest:
     def __init__(self, database: Database, stream: EventStream) -> None:
         self.database = database
         self.stream = stream
+        self._streamed: set[str] = set()
+        self._marker: asyncio.Task[None] | None = None
 
     async def ingest(
         self, events: Sequence[EventIn], *, actor_id: str, actor_claims: dict[str, Any] | None = None
@@ -123,11 +127,47 @@ class EventIngest:
         except StreamUnavailable as exc:
             log.warning("%d events stored but not yet streamed (%s); the relay will retry", len(events), exc)
             return False
-        async with self.database.session() as session, session.begin():
-            await session.execute(
-                update(Event).where(Event.id.in_([e.id for e in events])).values(published=True)
-            )
+        if self._marker is not None:
+            # Marked in the background, many requests at a time: the request does not wait for it.
+            self._streamed.update(e.id for e in events)
+        else:
+            await self._mark_published([e.id for e in events])
         return True
+
+    async def _mark_published(self, ids: Sequence[str]) -> None:
+        async with self.database.session() as session, session.begin():
+            await session.execute(update(Event).where(Event.id.in_(ids)).values(published=True))
+
+    async def start(self) -> None:
+        """Mark streamed events published in the background (otherwise each publish does it inline).
+        An event streamed but not yet marked when the process dies is streamed again by the relay:
+        a duplicate, which consumers ignore."""
+        self._marker = asyncio.create_task(self._mark_forever(), name="ingest-mark-published")
+
+    async def stop(self) -> None:
+        if self._marker is not None:
+            self._marker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marker
+            self._marker = None
+        await self._flush_marks()
+
+    async def _mark_forever(self, interval: float = 0.2) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._flush_marks()
+
+    async def _flush_marks(self) -> None:
+        if not self._streamed:
+            return
+        ids, self._streamed = list(self._streamed), set()
+        try:
+            for start in range(0, len(ids), 1000):
+                await self._mark_published(ids[start : start + 1000])
+        except Exception as exc:
+            log.warning(
+                "could not mark %d events published (%s); the relay may stream them again", len(ids), exc
+            )
 
     async def relay_unpublished(
         self, *, older_than: timedelta = timedelta(seconds=5), limit: int = 500

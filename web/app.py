@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await endpoint.start()
+        await ingest.start()
         await tracker.start()
         await board_watcher.start()
         if runner is not None:
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
             await board_watcher.stop()
             await tracker.stop()
             await endpoint.stop()
+            await ingest.stop()
             await stream.close()
             await leaderboards.store.close()
             await database.dispose()
