@@ -7,9 +7,10 @@ the same process, as they do in the embedded setup) and measures over real HTTP 
 1. batched ingest: `POST /api/events` with 500 events a request, 2 requests in flight;
 2. single ingest: one event a request, 8 requests in flight;
 3. latency: a socket joined to `feed:global` while events are sent at `--rate` per second (50
-   requests a second, e.g. 20 events every 20 ms at 1,000/s); each event's latency is the time from just before its request
-   was written to the arrival of its `new_activity` push. Events are sent by one client in order and
-   the feed consumer numbers the global feed in order, so event i is offset i.
+   requests a second, e.g. 20 events every 20 ms at 1,000/s); each event's latency is the time
+   from just before its request was written to the arrival of its `new_activity` push. Events are
+   sent by one client in order and the feed consumer numbers the global feed in order, so event i
+   is offset i.
 Server CPU comes from /proc. Everything stays on 127.0.0.1.
 """
 

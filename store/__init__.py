@@ -1,16 +1,31 @@
 """Persistence: SQLAlchemy 2 async models, engine setup and Alembic migrations (`store.migrate`)."""
 
 from .database import Database
-from .models import Base, Consumption, Event, Feed, FeedItem, Reaction, ScoreEntry, User
+from .models import (
+    Base,
+    Click,
+    Consumption,
+    Event,
+    Feed,
+    FeedItem,
+    Link,
+    LinkRejection,
+    Reaction,
+    ScoreEntry,
+    User,
+)
 from .types import utcnow
 
 __all__ = [
     "Base",
+    "Click",
     "Consumption",
     "Database",
     "Event",
     "Feed",
     "FeedItem",
+    "Link",
+    "LinkRejection",
     "Reaction",
     "ScoreEntry",
     "User",

@@ -122,3 +122,52 @@ class ScoreEntry(Base):
     ts: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_scores_subject_ts", "subject", "ts"),)
+
+
+class Link(Base):
+    """An invite link; `nonce` is the random part of its token (the rest is verified, not stored)."""
+
+    __tablename__ = "links"
+
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token: Mapped[str] = mapped_column(String(200), unique=True)
+    referrer_id: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(200), default="/")
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_links_referrer", "referrer_id", "created_at"),)
+
+
+class Click(Base):
+    """Every click on a valid link; `unique_click` is the first by that visitor on that link in 24 h."""
+
+    __tablename__ = "link_clicks"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    nonce: Mapped[str] = mapped_column(String(32))
+    visitor: Mapped[str] = mapped_column(String(64))
+    unique_click: Mapped[bool] = mapped_column(Boolean)
+    clicked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_clicks_link_visitor", "nonce", "visitor", "clicked_at"),
+        Index("ix_clicks_time", "clicked_at"),
+    )
+
+
+class LinkRejection(Base):
+    """A click on a link we refused (tampered, expired, unknown), for abuse monitoring."""
+
+    __tablename__ = "link_rejections"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    token: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(String(32))
+    rejected_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

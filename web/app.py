@@ -16,11 +16,12 @@ from starlette.routing import Route, WebSocketRoute
 
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
 from metrics import EventIngest, stream_from_url
+from metrics.links import LinkSigner
 from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api
+from . import events_api, links_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         Route("/readyz", readyz),
         Route("/metrics", prometheus_metrics),
         *events_api.routes,
+        *links_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
@@ -167,6 +169,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     app.state.database = database
     app.state.presence = tracker
     app.state.ingest = ingest
+    app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
     app.state.runner = runner
     app.state.registry = build_registry(endpoint)
     return app

@@ -1,0 +1,155 @@
+"""Signed invite links: signing and verification (pure), and the HTTP routes over a real server."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from servers import SECRET, make_token
+from sqlalchemy import select
+
+from metrics.links import LinkError, LinkSigner, check_target, key_id
+from store import Click, Database, Link, LinkRejection
+
+KEY, OLD = "k" * 40, "o" * 40
+
+
+def test_a_link_verifies_for_its_referrer_until_it_expires():
+    signer = LinkSigner(KEY)
+    link = signer.issue("maya", now=1000, ttl=60)
+    parsed = LinkSigner.parse(link.token)
+    signer.verify(parsed, "maya", now=1059)
+    assert len(parsed.nonce) >= 22  # 128 random bits, URL-safe
+    with pytest.raises(LinkError) as expired:
+        signer.verify(parsed, "maya", now=1060)
+    assert expired.value.reason == "expired"
+
+
+@pytest.mark.parametrize("part", [0, 2, 3])
+def test_any_altered_part_breaks_the_signature(part):
+    signer = LinkSigner(KEY)
+    pieces = signer.issue("maya", now=1000).token.split(".")
+    pieces[part] = (
+        pieces[part][:-1] + ("A" if pieces[part][-1] != "A" else "B")
+        if part != 2
+        else str(int(pieces[2]) + 86400)
+    )
+    with pytest.raises(LinkError) as info:
+        signer.verify(LinkSigner.parse(".".join(pieces)), "maya", now=1000)
+    assert info.value.reason == "bad_signature"
+
+
+def test_the_signature_binds_the_referrer():
+    signer = LinkSigner(KEY)
+    link = signer.issue("maya", now=1000)
+    with pytest.raises(LinkError, match="altered"):
+        signer.verify(link, "mallory", now=1000)
+
+
+def test_keys_rotate_old_links_keep_working_and_retired_keys_do_not():
+    old_link = LinkSigner(OLD).issue("maya", now=1000)
+    assert old_link.kid == key_id(OLD)
+    LinkSigner(KEY, old_secrets=[OLD]).verify(old_link, "maya", now=1000)
+    with pytest.raises(LinkError) as info:
+        LinkSigner(KEY).verify(old_link, "maya", now=1000)
+    assert info.value.reason == "unknown_key"
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b.c", "a.b.notanumber.d", "a..1.d", "x" * 300])
+def test_malformed_tokens_are_refused(token):
+    with pytest.raises(LinkError) as info:
+        LinkSigner.parse(token)
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.example",
+        "//evil.example",
+        "/admin",
+        "/join/../admin",
+        "javascript:alert(1)",
+        "/join?x=//a",
+    ],
+)
+def test_targets_are_app_paths_from_the_allow_list_only(target):
+    with pytest.raises(ValueError, match="app path"):
+        check_target(target)
+
+
+def test_allowed_targets():
+    assert check_target(None) == "/"
+    assert check_target("/challenge/abc-123") == "/challenge/abc-123"
+
+
+def _auth(sub: str = "maya", role: str = "student") -> dict[str, str]:
+    return {"authorization": f"Bearer {make_token(sub, role)}"}
+
+
+async def test_make_and_follow_a_link_counting_unique_clicks(server_factory, server_database):
+    server = server_factory()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.post("/api/links", json={"source": "study_buddy"})).status_code == 401
+        bad = await http.post(
+            "/api/links", json={"source": "spam", "target": "https://evil.example"}, headers=_auth()
+        )
+        assert bad.status_code == 422 and set(bad.json()["fields"]) == {"source", "target"}
+        made = await http.post(
+            "/api/links", json={"source": "study_buddy", "target": "/join"}, headers=_auth()
+        )
+        assert made.status_code == 201
+        body = made.json()
+        assert body["url"].endswith(f"/r/{body['token']}") and body["expires_at"]
+
+        first = await http.get(f"/r/{body['token']}", headers={"user-agent": "phone"})
+        assert first.status_code == 302 and first.headers["location"] == "/join"
+        assert first.cookies["ve_ref"] == body["token"]
+        visitor = first.cookies["ve_vid"]
+        assert http.cookies["ve_vid"] == visitor  # the same browser keeps it and comes back
+        again = await http.get(f"/r/{body['token']}")
+        assert again.status_code == 302
+        async with httpx.AsyncClient(base_url=server.http, cookies={"ve_vid": "b" * 32}) as laptop:
+            other = await laptop.get(f"/r/{body['token']}", headers={"user-agent": "laptop"})
+        assert other.status_code == 302
+
+        tampered = body["token"][:-2] + ("xx" if not body["token"].endswith("xx") else "yy")
+        refused = await http.get(f"/r/{tampered}")
+        assert refused.status_code == 400 and "altered" in refused.text and "<h1>" in refused.text
+        assert (await http.get("/r/not-a-link")).status_code == 400
+    database = Database(server_database)
+    try:
+        async with database.session() as session:
+            clicks = (await session.execute(select(Click.unique_click))).scalars().all()
+            rejections = (await session.execute(select(LinkRejection.reason))).scalars().all()
+        assert sorted(clicks) == [False, True, True]  # three clicks, two visitors
+        assert sorted(rejections) == ["bad_signature", "malformed"]
+    finally:
+        await database.dispose()
+
+
+async def test_an_expired_link_gets_a_friendly_410(server_factory, server_database):
+    server = server_factory()
+    expired = LinkSigner(SECRET).issue("maya", now=int(time.time()) - 7200, ttl=3600)
+    database = Database(server_database)
+    try:
+        async with database.session() as session, session.begin():
+            session.add(
+                Link(
+                    nonce=expired.nonce,
+                    token=expired.token,
+                    referrer_id="maya",
+                    source="direct",
+                    target="/",
+                    expires_at=datetime.fromtimestamp(expired.expires, UTC),
+                )
+            )
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            response = await http.get(f"/r/{expired.token}")
+        assert response.status_code == 410 and "expired" in response.text
+        async with database.session() as session:
+            assert (await session.execute(select(LinkRejection.reason))).scalars().all() == ["expired"]
+    finally:
+        await database.dispose()

@@ -1,0 +1,135 @@
+"""Invite links over HTTP: `POST /api/links` makes one, `GET /r/{token}` follows one."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from metrics.links import DEFAULT_TTL, MAX_TTL, SOURCES, LinkError, LinkSigner, check_target
+from store import Click, Link, LinkRejection, utcnow
+
+from .auth import claims_from_request
+from .responses import ORJSONResponse, read_json
+
+VISITOR_COOKIE = "ve_vid"
+ATTRIBUTION_COOKIE = "ve_ref"
+ATTRIBUTION_WINDOW = timedelta(days=7)
+UNIQUE_WINDOW = timedelta(hours=24)
+
+
+async def create_link(request: Request) -> Response:
+    claims = claims_from_request(request)
+    body = await read_json(request, 16 * 1024)
+    if not isinstance(body, dict):
+        raise HTTPException(422, "body must be a JSON object {source, target?, campaign?, ttl?}")
+    errors: dict[str, str] = {}
+    source = body.get("source")
+    if source not in SOURCES:
+        errors["source"] = f"must be one of {sorted(SOURCES)}"
+    try:
+        target = check_target(body.get("target"))
+    except ValueError as exc:
+        errors["target"] = str(exc)
+    campaign = body.get("campaign")
+    if campaign is not None and (not isinstance(campaign, str) or not 1 <= len(campaign) <= 64):
+        errors["campaign"] = "must be a string of 1-64 characters"
+    ttl = body.get("ttl", DEFAULT_TTL)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= MAX_TTL:
+        errors["ttl"] = f"must be whole seconds from 60 to {MAX_TTL}"
+    if errors:
+        return ORJSONResponse({"error": "invalid link request", "fields": errors}, status_code=422)
+    signer: LinkSigner = request.app.state.link_signer
+    referrer = str(claims["sub"])
+    link = signer.issue(referrer, int(time.time()), ttl)
+    expires_at = datetime.fromtimestamp(link.expires, UTC)
+    async with request.app.state.database.session() as session, session.begin():
+        session.add(
+            Link(
+                nonce=link.nonce,
+                token=link.token,
+                referrer_id=referrer,
+                source=source,
+                target=target,
+                campaign=campaign,
+                expires_at=expires_at,
+            )
+        )
+    url = str(request.url_for("follow_link", token=link.token))
+    return ORJSONResponse(
+        {"url": url, "token": link.token, "expires_at": expires_at.isoformat(), "source": source},
+        status_code=201,
+    )
+
+
+def _friendly(status: int, title: str, message: str) -> HTMLResponse:
+    page = (
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>{html.escape(title)}</title>"
+        "<body style='font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem'>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"
+        "<p><a href='/'>Go to the app</a></p></body></html>"
+    )
+    return HTMLResponse(page, status_code=status)
+
+
+def _visitor(request: Request) -> str:
+    """The visitor: our first-party cookie when they have one, else a hash of what the request shows."""
+    existing = request.cookies.get(VISITOR_COOKIE, "")
+    if 16 <= len(existing) <= 64 and existing.isalnum():
+        return existing
+    client = request.client.host if request.client else ""
+    seen = f"{client}\x00{request.headers.get('user-agent', '')}".encode()
+    return hashlib.sha256(seen).hexdigest()[:32]
+
+
+async def follow_link(request: Request) -> Response:
+    token = request.path_params["token"]
+    signer: LinkSigner = request.app.state.link_signer
+    database = request.app.state.database
+    now = utcnow()
+    try:
+        parsed = signer.parse(token)
+        async with database.session() as session:
+            link = await session.get(Link, parsed.nonce)
+        if link is None:
+            raise LinkError("unknown", "we could not find this invite link")
+        signer.verify(parsed, link.referrer_id, int(now.timestamp()))
+    except LinkError as exc:
+        async with database.session() as session, session.begin():
+            session.add(LinkRejection(token=token[:200], reason=exc.reason, rejected_at=now))
+        status = 410 if exc.reason == "expired" else 404 if exc.reason == "unknown" else 400
+        return _friendly(
+            status, "This invite link does not work", f"{exc} Ask your friend to send a new one."
+        )
+    visitor = _visitor(request)
+    async with database.session() as session, session.begin():
+        recent = await session.scalar(
+            select(Click.id)
+            .where(
+                Click.nonce == link.nonce, Click.visitor == visitor, Click.clicked_at > now - UNIQUE_WINDOW
+            )
+            .limit(1)
+        )
+        session.add(Click(nonce=link.nonce, visitor=visitor, unique_click=recent is None, clicked_at=now))
+    response = RedirectResponse(link.target, status_code=302)
+    cookie = {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https", "path": "/"}
+    response.set_cookie(VISITOR_COOKIE, visitor, max_age=365 * 86400, **cookie)  # type: ignore[arg-type]
+    response.set_cookie(
+        ATTRIBUTION_COOKIE, link.token, max_age=int(ATTRIBUTION_WINDOW.total_seconds()), **cookie
+    )  # type: ignore[arg-type]
+    return response
+
+
+routes = [
+    Route("/api/links", create_link, methods=["POST"]),
+    Route("/r/{token}", follow_link, name="follow_link"),
+]
