@@ -171,3 +171,24 @@ class LinkRejection(Base):
     token: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(String(32))
     rejected_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Conversion(Base):
+    """A new user attributed to the referrer whose link brought them (one per new user)."""
+
+    __tablename__ = "conversions"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    referrer_id: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(16))  # "last_touch" | "first_touch"
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    signup_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    signup_event_id: Mapped[str] = mapped_column(String(64))
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_conversions_referrer", "referrer_id", "signup_at"),
+        Index("ix_conversions_signup", "signup_at"),
+    )

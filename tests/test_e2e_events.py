@@ -13,6 +13,8 @@ from sqlalchemy import func, select
 
 from store import Consumption, Database, Event, FeedItem, ScoreEntry
 
+CONSUMERS = ("feed", "leaderboard", "attribution")
+
 
 def headers(sub: str, role: str = "student", **claims) -> dict[str, str]:
     return {"authorization": f"Bearer {make_token(sub, role, **claims)}"}
@@ -177,7 +179,7 @@ async def test_every_event_is_processed_once_through_a_killed_worker_and_a_resta
             while True:
                 async with database.session() as session:
                     done = await session.scalar(select(func.count()).select_from(Consumption))
-                if done >= 2 * total:  # the feed and leaderboard consumers
+                if done >= len(CONSUMERS) * total:
                     break
                 await asyncio.sleep(0.25)
         await asyncio.sleep(1.5)  # let any duplicate delivery show itself
@@ -190,7 +192,15 @@ async def test_every_event_is_processed_once_through_a_killed_worker_and_a_resta
                     )
                 ).all()
             )
-            assert statuses == {"done": 2 * total}
+            assert statuses == {"done": len(CONSUMERS) * total}
+            per_consumer = dict(
+                (
+                    await session.execute(
+                        select(Consumption.consumer, func.count()).group_by(Consumption.consumer)
+                    )
+                ).all()
+            )
+            assert per_consumer == dict.fromkeys(CONSUMERS, total)
             assert await session.scalar(select(func.count()).select_from(ScoreEntry)) == total
             assert await session.scalar(select(func.count()).select_from(FeedItem)) == 3 * total
             per_event = (

@@ -43,6 +43,13 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _dev_secret() -> str:
     """In development, make a random key once and keep it in a local file (mode 600).
 
@@ -87,6 +94,7 @@ class Settings:
     # and how old an event must be before the reconciler treats it as lost by the stream.
     events_maintenance_every: float = 10.0
     events_reconcile_after: float = 30.0
+    attribution_model: str = "last_touch"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -134,6 +142,7 @@ class Settings:
             presence=presence,
             events_maintenance_every=_float(env, "EVENTS_MAINTENANCE_EVERY", 10.0),
             events_reconcile_after=_float(env, "EVENTS_RECONCILE_AFTER", 30.0),
+            attribution_model=_choice(env, "ATTRIBUTION_MODEL", ("last_touch", "first_touch")),
         )
 
     def warn_if_unsafe(self) -> None:

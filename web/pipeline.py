@@ -6,6 +6,8 @@ from datetime import timedelta
 
 from channels import FeedConsumer, LeaderboardConsumer, Leaderboards
 from metrics import ConsumerRunner, EventIngest, EventStream
+from metrics.attribution import AttributionConsumer
+from metrics.links import LinkSigner
 from realtime import Hub
 from store import Database
 
@@ -24,7 +26,13 @@ def build_runner(
     return ConsumerRunner(
         database,
         stream,
-        [FeedConsumer(hub), LeaderboardConsumer(leaderboards, hub)],
+        [
+            FeedConsumer(hub),
+            LeaderboardConsumer(leaderboards, hub),
+            AttributionConsumer(
+                LinkSigner(settings.secret_key, settings.old_secret_keys), settings.attribution_model
+            ),
+        ],
         relay=ingest.relay_unpublished,
         reconcile_every=settings.events_maintenance_every,
         reconcile_after=timedelta(seconds=settings.events_reconcile_after),

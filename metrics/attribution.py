@@ -1,0 +1,122 @@
+"""Attribution: which referrer's link brought a new user, and whether they reached first value.
+
+A `signup` event (its `user_id` is the new user) carries `referral_token` — the invite link's token,
+from the attribution cookie `/r/{token}` set or given explicitly — and optionally `visitor_id`
+(the `ve_vid` cookie). Rules:
+
+- the touch must be at most 7 days before the signup: the last click on that link before the
+  signup (by this visitor when known), or, for a link passed on without a click, its creation;
+- **last touch** (default): the link in `referral_token` wins. **First touch**
+  (`ATTRIBUTION_MODEL=first_touch`): the visitor's earliest click on any link in the window wins;
+- one conversion per new user (a second signup changes nothing), never to oneself, and only for
+  links whose signature still verifies (a tampered token converts nobody);
+- `first_value` marks the conversion activated (the first one counts).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from store import Click, Conversion, Link
+
+from .links import LinkError, LinkSigner
+
+WINDOW = timedelta(days=7)
+MODELS = ("last_touch", "first_touch")
+
+
+class AttributionConsumer:
+    name = "attribution"
+
+    def __init__(self, signer: LinkSigner, model: str = "last_touch") -> None:
+        if model not in MODELS:
+            raise ValueError(f"attribution model must be one of {MODELS}")
+        self.signer = signer
+        self.model = model
+
+    async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> None:
+        for event in events:
+            if event["type"] == "signup":
+                await self._signup(event, session)
+            elif event["type"] == "first_value":
+                await session.execute(
+                    update(Conversion)
+                    .where(Conversion.user_id == event["user_id"], Conversion.activated_at.is_(None))
+                    .values(activated_at=datetime.fromisoformat(event["ts"]))
+                )
+        return None
+
+    async def _signup(self, event: dict[str, Any], session: AsyncSession) -> None:
+        new_user = event["user_id"]
+        props = event["props"]
+        token = props.get("referral_token")
+        visitor = props.get("visitor_id") if isinstance(props.get("visitor_id"), str) else None
+        signup_at = datetime.fromisoformat(event["ts"])
+        if not isinstance(token, str) or await session.get(Conversion, new_user) is not None:
+            return
+        link = await self._verified_link(token, session, signup_at)
+        if link is None:
+            return
+        touched_at = await self._touch(link, visitor, signup_at, session)
+        if touched_at is None:
+            return
+        if self.model == "first_touch" and visitor is not None:
+            first = (
+                await session.execute(
+                    select(Link, Click.clicked_at)
+                    .join(Click, Click.nonce == Link.nonce)
+                    .where(
+                        Click.visitor == visitor,
+                        Click.clicked_at <= signup_at,
+                        Click.clicked_at >= signup_at - WINDOW,
+                    )
+                    .order_by(Click.clicked_at)
+                    .limit(1)
+                )
+            ).first()
+            if first is not None:
+                link, touched_at = first
+        if link.referrer_id == new_user:
+            return  # nobody refers themselves
+        session.add(
+            Conversion(
+                user_id=new_user,
+                referrer_id=link.referrer_id,
+                nonce=link.nonce,
+                source=link.source,
+                model=self.model,
+                touched_at=touched_at,
+                signup_at=signup_at,
+                signup_event_id=event["id"],
+            )
+        )
+
+    async def _verified_link(self, token: str, session: AsyncSession, at: datetime) -> Link | None:
+        try:
+            parsed = self.signer.parse(token)
+        except LinkError:
+            return None
+        link = await session.get(Link, parsed.nonce)
+        if link is None:
+            return None
+        try:
+            # Checked at the moment of signup: a link that expired afterwards still counts.
+            self.signer.verify(parsed, link.referrer_id, int(at.timestamp()))
+        except LinkError:
+            return None
+        return link
+
+    @staticmethod
+    async def _touch(
+        link: Link, visitor: str | None, signup_at: datetime, session: AsyncSession
+    ) -> datetime | None:
+        query = select(Click.clicked_at).where(Click.nonce == link.nonce, Click.clicked_at <= signup_at)
+        if visitor is not None:
+            query = query.where(Click.visitor == visitor)
+        clicked = await session.scalar(query.order_by(Click.clicked_at.desc()).limit(1))
+        touched = clicked if clicked is not None else link.created_at
+        return touched if signup_at - WINDOW <= touched <= signup_at else None

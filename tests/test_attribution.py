@@ -1,0 +1,157 @@
+"""Attribution of signups to referrers (real SQLite and PostgreSQL): windows, touch models, refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from metrics import ConsumerRunner, MemoryEventStream
+from metrics.attribution import AttributionConsumer
+from metrics.links import LinkSigner
+from store import Click, Conversion, Database, Link
+
+KEY = "attribution-test-key-0123456789abcdef"
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def db(database_url):
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+async def make_link(
+    db: Database, referrer: str, source: str = "study_buddy", created: datetime = NOW - timedelta(days=3)
+) -> str:
+    link = LinkSigner(KEY).issue(referrer, int(created.timestamp()), ttl=30 * 86400)
+    async with db.session() as session, session.begin():
+        session.add(
+            Link(
+                nonce=link.nonce,
+                token=link.token,
+                referrer_id=referrer,
+                source=source,
+                target="/",
+                created_at=created,
+                expires_at=created + timedelta(days=30),
+            )
+        )
+    return link.token
+
+
+async def click(db: Database, token: str, visitor: str, at: datetime) -> None:
+    async with db.session() as session, session.begin():
+        session.add(Click(nonce=token.split(".")[0], visitor=visitor, unique_click=True, clicked_at=at))
+
+
+def event(eid: str, etype: str, user: str, at: datetime, **props) -> dict:
+    return {"id": eid, "type": etype, "user_id": user, "ts": at.isoformat(), "props": props, "actor_id": user}
+
+
+async def run(db: Database, events: list[dict], model: str = "last_touch") -> dict[str, Conversion]:
+    consumer = AttributionConsumer(LinkSigner(KEY), model)
+    runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
+    await runner.process_batch(consumer, events)
+    async with db.session() as session:
+        return {c.user_id: c for c in (await session.execute(select(Conversion))).scalars()}
+
+
+async def test_a_signup_through_a_clicked_link_converts_for_its_referrer(db):
+    token = await make_link(db, "maya", "buddy_challenge")
+    await click(db, token, "v1", NOW - timedelta(days=2))
+    conversions = await run(db, [event("s1", "signup", "newbie", NOW, referral_token=token, visitor_id="v1")])
+    c = conversions["newbie"]
+    assert (c.referrer_id, c.source, c.model) == ("maya", "buddy_challenge", "last_touch")
+    assert c.touched_at == NOW - timedelta(days=2) and c.signup_at == NOW and c.activated_at is None
+
+
+@pytest.mark.parametrize(("days_after_click", "converts"), [(6.9, True), (7.0, True), (7.1, False)])
+async def test_the_attribution_window_is_seven_days(db, days_after_click, converts):
+    token = await make_link(db, "maya", created=NOW - timedelta(days=20))
+    await click(db, token, "v1", NOW - timedelta(days=days_after_click))
+    conversions = await run(db, [event("s", "signup", "newbie", NOW, referral_token=token)])
+    assert ("newbie" in conversions) is converts
+
+
+async def test_a_link_passed_on_without_a_click_counts_from_its_creation(db):
+    fresh = await make_link(db, "maya", created=NOW - timedelta(days=2))
+    stale = await make_link(db, "sam", created=NOW - timedelta(days=10))
+    conversions = await run(
+        db,
+        [
+            event("a", "signup", "u1", NOW, referral_token=fresh),
+            event("b", "signup", "u2", NOW, referral_token=stale),
+        ],
+    )
+    assert set(conversions) == {"u1"}
+
+
+async def test_nobody_refers_themselves_and_one_conversion_per_new_user(db):
+    token = await make_link(db, "maya")
+    other = await make_link(db, "sam")
+    conversions = await run(
+        db,
+        [
+            event("self", "signup", "maya", NOW, referral_token=token),
+            event("s1", "signup", "newbie", NOW, referral_token=token),
+            event("s2", "signup", "newbie", NOW + timedelta(minutes=1), referral_token=other),
+        ],
+    )
+    assert set(conversions) == {"newbie"} and conversions["newbie"].referrer_id == "maya"
+
+
+async def test_tampered_or_unknown_tokens_convert_nobody(db):
+    token = await make_link(db, "maya")
+    nonce, kid, exp, sig = token.split(".")
+    stretched = f"{nonce}.{kid}.{int(exp) + 86400}.{sig}"
+    forged = LinkSigner("another-key-0123456789-0123456789").issue("maya", int(NOW.timestamp())).token
+    conversions = await run(
+        db,
+        [
+            event("a", "signup", "u1", NOW, referral_token=stretched),
+            event("b", "signup", "u2", NOW, referral_token=forged),
+            event("c", "signup", "u3", NOW, referral_token="garbage"),
+            event("d", "signup", "u4", NOW),
+        ],
+    )
+    assert conversions == {}
+
+
+async def test_last_touch_credits_the_link_in_the_token(db):
+    first = await make_link(db, "ann", "results_rally", created=NOW - timedelta(days=6))
+    last = await make_link(db, "bob", "proud_parent", created=NOW - timedelta(days=6))
+    await click(db, first, "v9", NOW - timedelta(days=5))
+    await click(db, last, "v9", NOW - timedelta(days=1))
+    signup = event("s", "signup", "newbie", NOW, referral_token=last, visitor_id="v9")
+    assert (await run(db, [signup]))["newbie"].referrer_id == "bob"
+
+
+async def test_first_touch_credits_the_earliest_click_in_the_window(db):
+    first = await make_link(db, "ann", "results_rally", created=NOW - timedelta(days=6))
+    last = await make_link(db, "bob", "proud_parent", created=NOW - timedelta(days=6))
+    await click(db, first, "v9", NOW - timedelta(days=5))
+    await click(db, last, "v9", NOW - timedelta(days=1))
+    signup = event("s", "signup", "newbie", NOW, referral_token=last, visitor_id="v9")
+    conversion = (await run(db, [signup], model="first_touch"))["newbie"]
+    assert (conversion.referrer_id, conversion.source, conversion.model) == (
+        "ann",
+        "results_rally",
+        "first_touch",
+    )
+
+
+async def test_first_value_activates_once(db):
+    token = await make_link(db, "maya")
+    conversions = await run(
+        db,
+        [
+            event("s", "signup", "newbie", NOW, referral_token=token),
+            event("f1", "first_value", "newbie", NOW + timedelta(hours=2)),
+            event("f2", "first_value", "newbie", NOW + timedelta(hours=5)),
+            event("f3", "first_value", "stranger", NOW),
+        ],
+    )
+    assert conversions["newbie"].activated_at == NOW + timedelta(hours=2)
