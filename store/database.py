@@ -13,7 +13,10 @@ class Database:
         self.url = url
         kwargs: dict[str, object] = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
-            kwargs.update(pool_size=10, max_overflow=10)
+            # Dates are UTC days whatever the server's timezone setting.
+            kwargs.update(
+                pool_size=10, max_overflow=10, connect_args={"server_settings": {"timezone": "UTC"}}
+            )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -153,3 +154,36 @@ async def test_an_expired_link_gets_a_friendly_410(server_factory, server_databa
             assert (await session.execute(select(LinkRejection.reason))).scalars().all() == ["expired"]
     finally:
         await database.dispose()
+
+
+async def test_a_signup_through_a_link_shows_in_the_k_factor_endpoint(server_factory):
+    server = server_factory()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        made = (await http.post("/api/links", json={"source": "study_buddy"}, headers=_auth("maya"))).json()
+        await http.post(
+            "/api/events",
+            json={"type": "invite_sent", "user_id": "maya", "props": {"source": "study_buddy"}},
+            headers=_auth("maya"),
+        )
+        assert (await http.get(f"/r/{made['token']}")).status_code == 302
+        signup = {"type": "signup", "user_id": "newbie", "props": {"referral_token": made["token"]}}
+        assert (await http.post("/api/events", json=signup, headers=_auth("newbie"))).status_code == 202
+        assert (await http.get("/api/metrics/k-factor", headers=_auth("maya"))).status_code == 403
+        assert (
+            await http.get("/api/metrics/k-factor?days=5", headers=_auth("ops", "admin"))
+        ).status_code == 422
+        for _ in range(100):
+            report = (await http.get("/api/metrics/k-factor?days=7", headers=_auth("ops", "admin"))).json()
+            if report["signups"]:
+                break
+            await asyncio.sleep(0.1)
+        assert (report["invites_sent"], report["clicks"], report["signups"], report["active_users"]) == (
+            1,
+            1,
+            1,
+            1,
+        )
+        assert report["k_factor"] == 1.0 and report["by_source"][0]["source"] == "study_buddy"
+        exported = await http.get("/api/metrics/k-factor?days=7&format=csv", headers=_auth("ops", "admin"))
+        assert exported.headers["content-type"].startswith("text/csv")
+        assert "k_factor,1.0" in exported.text and "by_source" in exported.text

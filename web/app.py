@@ -21,7 +21,7 @@ from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api, links_api
+from . import events_api, links_api, metrics_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         Route("/metrics", prometheus_metrics),
         *events_api.routes,
         *links_api.routes,
+        *metrics_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings

@@ -1,0 +1,58 @@
+"""Growth metrics over HTTP (SPEC §9): `GET /api/metrics/k-factor?days=7|14|30|90[&format=csv]` (admin)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from metrics.growth import PERIODS, k_factor_report
+from store import utcnow
+
+from .auth import require_role
+from .responses import ORJSONResponse
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    """The report as CSV: the headline numbers, then one table per section."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["metric", "value"])
+    for key, value in report.items():
+        if not isinstance(value, (list, dict)):
+            writer.writerow([key, value])
+    for key, value in report["cycle_time"].items():
+        writer.writerow([f"cycle_time_{key}", "" if value is None else value])
+    for section in ("by_source", "funnel", "cohorts", "timeline", "top_referrers"):
+        rows = report[section]
+        writer.writerow([])
+        writer.writerow([section])
+        if rows:
+            writer.writerow(list(rows[0]))
+            for row in rows:
+                writer.writerow(["" if v is None else v for v in row.values()])
+    return out.getvalue()
+
+
+async def k_factor(request: Request) -> Response:
+    require_role(request, "admin")
+    raw = request.query_params.get("days", "7")
+    if not raw.isdigit() or int(raw) not in PERIODS:
+        raise HTTPException(422, f"days must be one of {list(PERIODS)}")
+    async with request.app.state.database.session() as session:
+        report = await k_factor_report(session, int(raw), utcnow())
+    if request.query_params.get("format") == "csv":
+        return Response(
+            report_csv(report),
+            media_type="text/csv",
+            headers={"content-disposition": f'attachment; filename="k-factor-{raw}d.csv"'},
+        )
+    return ORJSONResponse(report)
+
+
+routes = [Route("/api/metrics/k-factor", k_factor)]
