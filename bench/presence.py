@@ -81,6 +81,8 @@ ROOM_PREFIX = "presence:subject:room"
 ROLE = "student"
 # An Ethernet path's MSS (1500-byte MTU minus IP and TCP headers with timestamps).
 ETHERNET_MSS = 1448
+# After the churn stops: a few presence batches (diff_interval) for the last changes to replicate.
+SETTLE_WAIT = 4 * PresenceConfig().diff_interval
 
 console = Console(stderr=True)
 
@@ -367,8 +369,11 @@ async def stop_all(clients: list[ClientProcess], servers: list[ServerProcess]) -
 # 2. presence_state end to end.
 
 
-async def fresh_join(port: int, token: str, topic: str, *, mss: int | None = None) -> dict[str, Any]:
-    """Connect (untimed), then time phx_join → join reply → complete presence_state."""
+async def fresh_join(
+    port: int, token: str, topic: str, *, mss: int | None = None, linger: float = 0.25
+) -> dict[str, Any]:
+    """Connect (untimed), then time phx_join → join reply → complete presence_state; then stay `linger`
+    seconds to see whether the server closes the socket after sending the state (slow consumer)."""
     sock = None
     if mss is not None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -404,13 +409,17 @@ async def fresh_join(port: int, token: str, topic: str, *, mss: int | None = Non
                     result["client_parse_ms"] = (time.perf_counter() - p0) * 1e3
                     result["state_keys"] = len(state)
                     result["single_meta_each"] = all(len(v["metas"]) == 1 for v in state.values())
-                    return result
-        except Exception as exc:  # the server closed the socket instead of sending the state
+                    break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(linger):
+                    while True:
+                        await ws.recv(decode=False)  # presence_diffs; a close raises
+        except Exception as exc:  # the server closed the socket
             result["error"] = f"{type(exc).__name__}: {exc}"
-            if ws.close_code is not None:
-                result["close_code"] = ws.close_code
-                result["close_reason"] = ws.close_reason
-            return result
+        if ws.close_code is not None:
+            result["close_code"] = ws.close_code
+            result["close_reason"] = ws.close_reason
+        return result
 
 
 async def wait_ready(clients: list[ClientProcess], what: str, stall_timeout: float) -> list[dict[str, Any]]:
@@ -444,7 +453,7 @@ async def run_state_e2e(args: argparse.Namespace, workdir: Path, node: str) -> d
     procs = args.client_procs
     tokens = issue_tokens([(f"u{i}", f"Student {i}") for i in range(n_max)])
     fresh_tokens = issue_tokens(
-        [(f"fresh{k}", f"Fresh {k}") for k in range(len(sizes) * args.fresh_joins + 1)]
+        [(f"fresh{k}", f"Fresh {k}") for k in range(len(sizes) * args.fresh_joins + args.mss_joins)]
     )
     server = ServerProcess("engine", free_port(), workdir, module=SERVER_MODULE)
     clients: list[ClientProcess] = []
@@ -488,6 +497,7 @@ async def run_state_e2e(args: argparse.Namespace, workdir: Path, node: str) -> d
                 "join_to_reply_ms": summary_ms([j["reply_ms"] for j in joins if "reply_ms" in j]),
                 "state_bytes": max((j.get("state_bytes", 0) for j in joins), default=0),
                 "state_complete": all(j.get("state_keys") == present + 1 for j in joins),
+                "fresh_closed": sum("close_code" in j for j in joins),
             }
             previous = present
             result["stages"].append(stage)
@@ -502,13 +512,26 @@ async def run_state_e2e(args: argparse.Namespace, workdir: Path, node: str) -> d
             )
         # A fresh client whose TCP segments are Ethernet-sized, as across a real network: the kernel
         # then takes far less of a large write at once than on loopback (64 KiB segments).
-        await asyncio.sleep(args.fresh_gap)
-        result["ethernet_mss_join"] = await fresh_join(
-            server.port, next(fresh), STATE_TOPIC, mss=ETHERNET_MSS
+        mss_joins = []
+        for _ in range(args.mss_joins):
+            await asyncio.sleep(args.fresh_gap)
+            mss_joins.append(await fresh_join(server.port, next(fresh), STATE_TOPIC, mss=ETHERNET_MSS))
+        result["ethernet_mss_joins"] = mss_joins
+        result["ethernet_mss_join_to_state_ms"] = summary_ms(
+            [j["state_ms"] for j in mss_joins if "state_ms" in j]
         )
+        result["ethernet_mss_closed"] = [
+            f"{j['close_code']} {j.get('close_reason', '')}" for j in mss_joins if "close_code" in j
+        ]
         result["server_counters"] = await server_counters(server.port)
         result["holders_closed_total"] = sum(h["closed_after_ready"] for h in await stats(clients))
-        console.print(f"    fresh join with a {ETHERNET_MSS}-byte MSS: {result['ethernet_mss_join']}")
+        console.print(
+            f"    {len(mss_joins)} fresh joins with a {ETHERNET_MSS}-byte MSS: join → presence_state "
+            f"median {fmt(result['ethernet_mss_join_to_state_ms'].get('median'), '.1f')} ms, "
+            f"max {fmt(result['ethernet_mss_join_to_state_ms'].get('max'), '.1f')} ms; "
+            f"closed by the server afterwards: {result['ethernet_mss_closed'] or 'none'}; "
+            f"server slow-consumer drops: {result['server_counters'].get('slow_consumers_dropped')}"
+        )
         return result
     finally:
         await stop_all(clients, [server])
@@ -571,7 +594,7 @@ async def check_rooms(
                 "ok": not problems,
                 "problems": problems[:10],
                 "attempts": attempt,
-                "checked_after_s": time.monotonic() - t0,
+                "check_s": time.monotonic() - t0,
             }
         await asyncio.sleep(0.5)
 
@@ -627,6 +650,8 @@ async def churn_phase(
         "closed_sockets": sum(r["closed_after_ready"] for r in reports),
         "close_reasons": [r["close_reasons"] for r in reports if r["closed_after_ready"]],
         "pushes": {k: sum(r["pushes"][k] for r in reports) for k in reports[0]["pushes"]},
+        "slow_ops": [s for r in reports for s in r["slow_ops"]][:10],
+        "ops_over_1s": sum(r["over_1s"] for r in reports),
         "wall_s": cpu["wall_s"],
         "cpu": cpu,
     }
@@ -676,6 +701,32 @@ async def run_churn(args: argparse.Namespace, workdir: Path, node: str, *, clust
         rpid = redis_pid() if cluster else None
         if rpid is not None:
             pids["redis"] = rpid
+        # Every socket joins once, all at once (as at a node's start), and stays: the first join of
+        # each room on each node subscribes its topic at the broker. Churn then starts in the rooms.
+        t0 = time.monotonic()
+        for client in clients:
+            await client.send({"cmd": "prime" if args.prime else "stats"})
+        primed = [await next_message(c, {"primed" if args.prime else "stats"}, 120) for c in clients]
+        if not args.prime:  # the first joins happen in the warm-up, among other sockets' churn
+            primed = [
+                {"joins": 0, "p50_ms": 0, "p99_ms": 0, "max_ms": 0, "over_1s": 0, "slow": [], "errors": 0}
+            ]
+        result["first_joins"] = {
+            "joins": sum(p["joins"] for p in primed),
+            "wall_s": time.monotonic() - t0,
+            "p50_ms": max(p["p50_ms"] or 0 for p in primed),
+            "p99_ms": max(p["p99_ms"] or 0 for p in primed),
+            "max_ms": max(p["max_ms"] or 0 for p in primed),
+            "over_1s": sum(p["over_1s"] for p in primed),
+            "slow_examples": [s for p in primed for s in p["slow"]][:10],
+            "errors": sum(p["errors"] for p in primed),
+        }
+        first = result["first_joins"]
+        console.print(
+            f"    first join of every socket: {first['wall_s']:.1f}s for {first['joins']}, "
+            f"p50 {first['p50_ms']:.0f} ms (worst process), max {first['max_ms']:.0f} ms, "
+            f"{first['over_1s']} over 1 s"
+        )
         phases: dict[str, Any] = {}
         await churn_phase(clients, pids, "warmup", args.churn_warmup, None)
         phases["saturated"] = sat = await churn_phase(clients, pids, "saturated", args.churn_duration, None)
@@ -694,7 +745,7 @@ async def run_churn(args: argparse.Namespace, workdir: Path, node: str, *, clust
                 f"{fmt(phase['server_cpu_us_per_op'], '.0f')} µs server CPU/op, server {servers_util}, "
                 f"clients {clients_util}, p50 {fmt(lat['p50'], '.2f')} p99 {fmt(lat['p99'], '.2f')} ms, "
                 f"errors {phase['reply_errors']}, closed {phase['closed_sockets']}, "
-                f"late {phase['late_ops']}, "
+                f"late {phase['late_ops']}, over 1 s {phase['ops_over_1s']}, "
                 f"other load {phase['other_busy_cores']:.2f} cores"
             )
         # Everyone back in their room, then the state every node shows.
@@ -712,13 +763,13 @@ async def run_churn(args: argparse.Namespace, workdir: Path, node: str, *, clust
             expected.setdefault(f"{ROOM_PREFIX}{i // args.users_per_room}", set()).add(uid)
         if open_sockets != n:
             console.print(f"[red]    {n - open_sockets} churn sockets closed; the room check will fail")
-        await asyncio.sleep(4 * PresenceConfig().diff_interval)
+        await asyncio.sleep(SETTLE_WAIT)
         result["rooms_check"] = check = await check_rooms(servers, expected, args.converge_timeout)
         verdict = "[green]complete and identical" if check["ok"] else "[red]" + "; ".join(check["problems"])
         console.print(
             f"    final state: {check['users']} users in {check['rooms']} rooms on {check['nodes']} node(s): "
             f"{verdict}[/] "
-            f"(checked {check['checked_after_s']:.1f}s after settling, {check['attempts']} attempt(s))"
+            f"({check['attempts']} attempt(s), the first {SETTLE_WAIT:.1f}s after the last join answered)"
         )
         result["server_counters"] = [await server_counters(s.port) for s in servers]
         return result
@@ -785,15 +836,16 @@ def print_tables(results: dict[str, Any]) -> None:
                 f"complete: {stage['state_complete']}; ramp {stage['ramp_joins_per_s']:.0f} joins/s, "
                 f"{stage['ramp_server_cpu_ms_per_join']:.1f} ms server CPU/join",
             )
-        mss = e2e.get("ethernet_mss_join", {})
+        mss = e2e.get("ethernet_mss_join_to_state_ms", {})
+        closed = e2e.get("ethernet_mss_closed", [])
         table.add_row(
-            f"engine, MSS {ETHERNET_MSS}",
+            f"engine, client MSS {ETHERNET_MSS}",
             f"{e2e['stages'][-1]['present']:,}",
-            fmt(mss.get("state_ms"), ".1f"),
-            "-",
-            f"{mss.get('state_bytes', 0):,}",
-            mss.get("error", "ok")
-            + (f" ({mss.get('close_code')} {mss.get('close_reason')})" if "error" in mss else ""),
+            fmt(mss.get("median"), ".1f"),
+            f"- / {fmt(mss.get('max'), '.1f')}",
+            f"{e2e['stages'][-1]['state_bytes']:,}",
+            f"closed after the state: {len(closed)} of {mss.get('n', 0)}"
+            + (f" ({closed[0]})" if closed else ""),
         )
     out.print(table)
 
@@ -806,6 +858,7 @@ def print_tables(results: dict[str, Any]) -> None:
         "server CPU",
         "clients CPU",
         "p50 / p99 ms",
+        "ops > 1 s",
         "errors",
         "final state",
     ):
@@ -819,6 +872,7 @@ def print_tables(results: dict[str, Any]) -> None:
                 "track+untrack",
                 f"{r['ops_per_s']:,.0f}",
                 f"{r['cpu_us_per_op']:.2f}",
+                "-",
                 "-",
                 "-",
                 "-",
@@ -842,6 +896,7 @@ def print_tables(results: dict[str, Any]) -> None:
                 "+".join(f"{u:.0%}" for u in phase["server_utilisation"].values()),
                 "+".join(f"{u:.0%}" for u in phase["client_utilisation"].values()),
                 f"{fmt(lat['p50'], '.1f')} / {fmt(lat['p99'], '.1f')}",
+                str(phase["ops_over_1s"]),
                 str(errors) + (f" (late {phase['late_ops']})" if phase["late_ops"] else ""),
                 "complete, identical" if run["rooms_check"]["ok"] else "[red]mismatch",
             )
@@ -877,7 +932,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[1000, 2500, 5000],
         help="room sizes for the end-to-end presence_state (10,000 takes about 5 more minutes)",
     )
-    parser.add_argument("--fresh-joins", type=int, default=7, help="timed fresh joins per room size")
+    parser.add_argument("--fresh-joins", type=int, default=9, help="timed fresh joins per room size")
+    parser.add_argument(
+        "--mss-joins",
+        type=int,
+        default=3,
+        help=f"fresh joins with a {ETHERNET_MSS}-byte MSS at the largest size",
+    )
     parser.add_argument("--fresh-gap", type=float, default=0.6, help="seconds between fresh joins")
     parser.add_argument("--hold-concurrency", type=int, default=50, help="joins in flight per hold process")
     parser.add_argument(
@@ -886,6 +947,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rooms", type=int, default=250, help="churn rooms")
     parser.add_argument(
         "--users-per-room", type=int, default=20, help="churn sockets (distinct users) per room"
+    )
+    parser.add_argument(
+        "--prime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every socket joins once before the churn starts (--no-prime: first joins amid the churn)",
     )
     parser.add_argument("--churn-warmup", type=float, default=3.0, help="seconds of unreported closed loop")
     parser.add_argument("--churn-duration", type=float, default=10.0, help="seconds of the closed-loop phase")
@@ -914,6 +981,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--node-arg", action="append", default=[], help="extra node flag for the client (e.g. --cpu-prof)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep server and client logs and configs here"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
@@ -955,8 +1025,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "heartbeat_interval": PresenceConfig().heartbeat_interval,
         },
     }
-    with tempfile.TemporaryDirectory(prefix="bench-presence-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is not None:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-presence-")))
         if "state-inproc" in args.parts:
             console.print(f"[bold]presence_state in process[/], {args.state_users} users")
             results["state_inproc"] = await run_state_inproc(args)
@@ -985,6 +1059,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         e2e = results["state_e2e"]
         checks.append(all(s["state_complete"] and s["failed"] == 0 for s in e2e["stages"]))
         checks.append(e2e["holders_closed_total"] == 0)
+        checks.append(all(s["fresh_closed"] == 0 for s in e2e["stages"]) and not e2e["ethernet_mss_closed"])
+        checks.append(e2e["server_counters"].get("slow_consumers_dropped", 0) == 0)
     for key in ("churn", "churn_cluster"):
         if key in results:
             checks.append(churn_clean(results[key]))

@@ -17,8 +17,8 @@
 //   CONFIG = {"name", "mode": "hold" | "churn", "urls": [ws://…/socket/websocket?vsn=2.0.0, …],
 //             "sockets": [[token, url_index, topic], …], "connect_concurrency", "heartbeat_ms",
 //             "local_addresses": [] (optional: source addresses, socket i binds local_addresses[i % n])}
-// JSON lines. stdin: {"cmd": "grow" (hold) | "stats" | "phase" | "end" | "stop" | "quit", ...};
-// stdout: {"type": "ready" | "stats" | "phase_started" | "phase" | "settled" | "bye", ...}.
+// JSON lines. stdin: {"cmd": "grow" (hold) | "prime" | "stats" | "phase" | "end" | "stop" | "quit", ...};
+// stdout: {"type": "ready" | "primed" | "stats" | "phase_started" | "phase" | "settled" | "bye", ...}.
 
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -130,8 +130,21 @@ function opDone(i, ok, reason) {
   const t = now();
   const lat = t - opStart[i];
   const wasJoin = churn[i] === 1;
+  if (ok && priming !== null && wasJoin) {
+    churn[i] = 2;
+    priming.lat[priming.done++] = lat;
+    if (lat > 1000 && priming.slow.length < 20) {
+      priming.slow.push({ socket: i, topic: specs[i][2], node: specs[i][1], ms: Math.round(lat) });
+    }
+    if (priming.done === priming.expected) finishPriming();
+    return;
+  }
   if (ok) {
     churn[i] = wasJoin ? 2 : 0;
+    if (lat > 1000 && phase !== null) slowCount++;
+    if (lat > 1000 && slowOps.length < 20) {
+      slowOps.push({ socket: i, topic: specs[i][2], node: specs[i][1], op: wasJoin ? 'join' : 'leave', ms: Math.round(lat) });
+    }
     if (phase !== null) {
       if (wasJoin) joins++;
       else leaves++;
@@ -149,8 +162,46 @@ function opDone(i, ok, reason) {
   next(i);
 }
 
+// Priming: every socket joins its room once, concurrently, and stays; churn then starts in the room (its
+// first op is a leave). This is the thundering herd of a node's start (or of its clients reconnecting
+// after a restart): the first join of each room on each node subscribes the topic at the broker.
+let priming = null;
+const slowOps = [];
+let slowCount = 0; // ops of the current phase that took over a second
+function prime() {
+  priming = { started: now(), expected: 0, done: 0, lat: null, slow: [] };
+  const todo = [];
+  for (let i = 0; i < N; i++) if (conn[i] === 1 && churn[i] === 0) todo.push(i);
+  priming.expected = todo.length;
+  priming.lat = new Float64Array(todo.length);
+  for (const i of todo) sendOp(i, now());
+  if (todo.length === 0) finishPriming();
+}
+
+function finishPriming() {
+  const lat = Array.from(priming.lat.subarray(0, priming.done)).sort((a, b) => a - b);
+  const q = (f) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(f * lat.length))] : null);
+  emit({
+    type: 'primed',
+    name,
+    joins: priming.done,
+    duration_ms: now() - priming.started,
+    p50_ms: q(0.5),
+    p99_ms: q(0.99),
+    max_ms: lat.length ? lat[lat.length - 1] : null,
+    over_1s: lat.filter((v) => v > 1000).length,
+    slow: priming.slow,
+    errors: replyErrors,
+  });
+  priming = null;
+}
+
 function next(i) {
   if (conn[i] !== 1) return;
+  if (priming !== null) {
+    if (churn[i] === 0) sendOp(i, now()); // a refused first join is retried
+    return;
+  }
   if (stopping) {
     // End with every socket in its room, so the driver can check the final state on every node.
     if (churn[i] === 0) sendOp(i, now());
@@ -229,6 +280,7 @@ function connect(i) {
       const key = `${code} ${reason.toString()}`.slice(0, 200);
       closeReasons[key] = (closeReasons[key] ?? 0) + 1;
       if (stopping) maybeSettled();
+      if (priming !== null && churn[i] === 1 && --priming.expected === priming.done) finishPriming();
     }
   });
 }
@@ -291,6 +343,7 @@ function startPhase(cmd) {
   latSum = 0;
   latMax = 0;
   lateOps = 0;
+  slowCount = 0;
   pushes = { presence_state: 0, presence_diff: 0, phx_close: 0, other: 0 };
   for (const key of Object.keys(replyErrorReasons)) delete replyErrorReasons[key];
   if (pacer !== null) {
@@ -341,6 +394,8 @@ function endPhase() {
     open: countOpen(),
     closed_after_ready: closedAfterReady,
     close_reasons: { ...closeReasons },
+    slow_ops: slowOps.splice(0),
+    over_1s: slowCount,
     errors,
   });
   phase = null;
@@ -417,7 +472,8 @@ rl.on('line', (line) => {
     target = Math.min(N, cmd.to);
     if (ready + failed >= target) emit({ type: 'ready', name, ready, failed, errors });
     else pump();
-  } else if (cmd.cmd === 'phase') startPhase(cmd);
+  } else if (cmd.cmd === 'prime') prime();
+  else if (cmd.cmd === 'phase') startPhase(cmd);
   else if (cmd.cmd === 'end') endPhase();
   else if (cmd.cmd === 'stop') stop();
   else if (cmd.cmd === 'quit') quit();
