@@ -107,9 +107,11 @@ class PresenceTracker:
 
     def update(self, owner: object, ref: str, meta: Meta, *, listed: bool) -> str:
         """Replace a presence's meta; as in Phoenix the meta gets a new ref (`phx_ref_prev` is the old)."""
-        old = self.state.remove(self.node, ref)
-        if old is None or ref not in self._owned.get(owner, ()):
+        if ref not in self._owned.get(owner, ()):
             raise KeyError(f"no presence {ref!r} owned by this channel")
+        old = self.state.remove(self.node, ref)
+        if old is None:
+            raise KeyError(f"no presence {ref!r}")
         self._owned[owner].discard(ref)
         self._ops.append(["l", ref])
         new_ref = secrets.token_urlsafe(9)

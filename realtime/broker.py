@@ -96,6 +96,8 @@ class RedisBroker:
         self._connected = asyncio.Event()
         self._lag = 0.0
         self._sub_lock = asyncio.Lock()
+        self._sub_queue: list[tuple[str, asyncio.Future[None]]] = []
+        self._sub_flusher: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         # A channel of this process alone: it keeps the subscription connection readable and
         # carries the lag probe (publish a timestamp, measure when it comes back).
@@ -115,12 +117,12 @@ class RedisBroker:
         self._probe = asyncio.create_task(self._probe_lag_forever(), name="redis-broker-lag-probe")
 
     async def stop(self) -> None:
-        for task in (self._probe, self._reader):
+        for task in (self._probe, self._reader, self._sub_flusher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._probe = self._reader = None
+        self._probe = self._reader = self._sub_flusher = None
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         with contextlib.suppress(Exception):
@@ -130,14 +132,35 @@ class RedisBroker:
         return self.CHANNEL_PREFIX + topic
 
     async def subscribe(self, topic: str) -> None:
+        """Returns once Redis confirmed the subscription. Topics asked for while one SUBSCRIBE is in
+        flight go together in the next, so a burst of joins costs a few round trips, not one each."""
+        self._topics.add(topic)
+        if not self._connected.is_set():
+            return  # the reader subscribes to everything in _topics when it reconnects
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sub_queue.append((topic, done))
+        if self._sub_flusher is None or self._sub_flusher.done():
+            self._sub_flusher = asyncio.create_task(self._flush_subscribes(), name="redis-broker-subscribe")
+        await asyncio.shield(done)
+
+    async def _flush_subscribes(self) -> None:
         async with self._sub_lock:
-            self._topics.add(topic)
-            if self._connected.is_set():
+            while self._sub_queue:
+                batch, self._sub_queue = self._sub_queue, []
+                topics = [t for t, _ in batch if t in self._topics]
                 try:
-                    await self._pubsub.subscribe(self._channel(topic))
+                    if topics:
+                        await self._pubsub.subscribe(*(self._channel(t) for t in topics))
                 except Exception:
                     # The reader will resubscribe everything in _topics once it reconnects.
-                    log.warning("redis subscribe to %r failed; will retry on reconnect", topic, exc_info=True)
+                    log.warning(
+                        "redis subscribe to %d topics failed; will retry on reconnect",
+                        len(topics),
+                        exc_info=True,
+                    )
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def unsubscribe(self, topic: str) -> None:
         async with self._sub_lock:

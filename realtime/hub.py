@@ -7,6 +7,7 @@ writes that same frame to each local subscriber. Nothing on this path awaits a c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,10 @@ class Hub:
         self._intercepting: dict[str, int] = {}
         # In-process listeners (server-side subscribers, e.g. presence replication): topic -> callbacks.
         self._listeners: dict[str, list[Listener]] = {}
-        # Topics this node is subscribed to at the broker (a superset of the keys of both maps above).
+        # Topics this node is subscribed to at the broker (a superset of the keys of both maps above),
+        # and those whose subscription is still on its way.
         self._broker_topics: set[str] = set()
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         await self.broker.start(self.deliver)
@@ -62,9 +65,27 @@ class Hub:
         await self._ensure_broker_subscription(topic)
 
     async def _ensure_broker_subscription(self, topic: str) -> None:
-        if topic not in self._broker_topics:
-            self._broker_topics.add(topic)
+        """Return once the broker delivers `topic` here. Everyone joining while the subscription is
+        in flight waits for that same subscription: a join is never acknowledged before it is live."""
+        pending = self._subscribing.get(topic)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        if topic in self._broker_topics:
+            return
+        self._broker_topics.add(topic)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._subscribing[topic] = future
+        try:
             await self.broker.subscribe(topic)
+            future.set_result(None)
+        except BaseException as exc:
+            self._broker_topics.discard(topic)
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited failure is not reported twice
+            raise
+        finally:
+            del self._subscribing[topic]
 
     async def listen(self, topic: str, listener: Listener) -> None:
         """Call `listener(message_bytes)` for every broadcast on `topic` reaching this node."""
@@ -98,11 +119,16 @@ class Hub:
     async def sweep(self) -> int:
         """Drop broker subscriptions of topics nobody here listens to any more; returns how many."""
         idle = [t for t in self._broker_topics if t not in self._subscribers and t not in self._listeners]
+        dropped = 0
         for topic in idle:
+            # Checked again here: a join during an earlier await of this loop keeps its topic.
+            if topic in self._subscribers or topic in self._listeners or topic in self._subscribing:
+                continue
             # Removed before the await, so a concurrent subscribe() re-subscribes after us, in order.
             self._broker_topics.discard(topic)
             await self.broker.unsubscribe(topic)
-        return len(idle)
+            dropped += 1
+        return dropped
 
     async def broadcast(self, topic: str, event: str, payload: Any) -> int:
         """Publish to every subscriber of `topic` on every node; returns local subscribers reached."""

@@ -64,8 +64,11 @@ class PhoenixWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_sent or self.disconnected:
             return
         transport = self.transport
+        # Judged by what was already waiting, so one large message (a big presence_state) on its
+        # own never makes a client "slow"; a client still that far behind at the next one is.
+        backlog = transport.get_write_buffer_size()
         transport.write(frame)
-        if transport.get_write_buffer_size() > self._max_buffer:
+        if backlog > self._max_buffer:
             if self._stats is not None:
                 self._stats.slow_consumers_dropped += 1
             self.start_close(

@@ -131,3 +131,26 @@ async def test_slow_consumer_is_dropped_while_a_healthy_one_gets_everything_in_o
         stalled.close()
     assert ended, "the slow consumer's connection was left open"
     await healthy.close()
+
+
+async def test_one_large_message_does_not_make_a_reading_client_slow(server_factory, ws_impl):
+    # A real client on a real network takes a big frame in segments; loopback takes it at once.
+    # A small limit makes the single frame far larger than it, as a 10,000-user presence_state is.
+    server = server_factory({"WS_OUTBOUND_MAX_BYTES": "65536"}, args=("--ws", ws_impl))
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1448)  # an Ethernet-sized segment, not loopback's
+    sock.connect(("127.0.0.1", server.port))
+    client = await websockets.connect(server.ws_url(make_token("u1")), sock=sock, max_size=None)
+    await send_json(client, ["1", "1", "user:u1", "phx_join", {}])
+    assert (await recv_json(client))[4]["status"] == "ok"
+    try:
+        big = {"blob": "x" * 400_000}
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            headers = {"authorization": f"Bearer {make_token('admin-1', 'admin')}"}
+            body = {"topic": "user:u1", "event": "big", "payload": big}
+            assert (await http.post("/api/publish", json=body, headers=headers)).status_code == 202
+        frame = await recv_json(client, timeout=10)
+        assert frame[3] == "big" and len(frame[4]["blob"]) == 400_000
+        assert await asyncio.to_thread(_slow_dropped, server) == 0
+    finally:
+        await client.close()

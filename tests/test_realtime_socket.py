@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 import pytest
 
-from realtime import NO_REPLY, Channel, JoinError, ReplyError, Router, SocketLimits
+from realtime import NO_REPLY, Channel, JoinError, MemoryBroker, ReplyError, Router, SocketLimits
 from realtime.testing import ChannelTestKit
 
 
@@ -46,12 +47,16 @@ class Shouty(Channel):
         return {**payload, "text": payload["text"].upper()}
 
 
-@pytest.fixture
-async def kit():
+def _router() -> Router:
     router = Router()
     router.channel("room:*", Room)
     router.channel("shouty:*", Shouty)
-    kit = ChannelTestKit(router, limits=SocketLimits(max_topics=3, rate_per_second=10, rate_burst=20))
+    return router
+
+
+@pytest.fixture
+async def kit():
+    kit = ChannelTestKit(_router(), limits=SocketLimits(max_topics=3, rate_per_second=10, rate_burst=20))
     await kit.start()
     Room.terminated = []
     yield kit
@@ -224,3 +229,59 @@ async def test_binary_frames_close_with_1003(kit):
     client.socket.handle_binary()
     assert client.outbound.close_code == 1003
     assert "binary frames are not supported" in client.outbound.close_reason
+
+
+class SlowBroker(MemoryBroker):
+    """A broker whose subscribe and unsubscribe take a while, like a round trip to Redis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subscribed: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    async def subscribe(self, topic: str) -> None:
+        self.calls.append(("subscribe", topic))
+        await asyncio.sleep(0.05)
+        self.subscribed.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self.calls.append(("unsubscribe", topic))
+        await asyncio.sleep(0.05)
+        self.subscribed.discard(topic)
+
+
+async def test_no_join_is_acknowledged_before_its_broker_subscription_is_live():
+    broker = SlowBroker()
+    kit = ChannelTestKit(_router(), broker=broker)
+    await kit.start()
+    a, b = kit.connect({"sub": "a"}), kit.connect({"sub": "b"})
+
+    async def join_and_check(client):
+        reply = await client.join("room:1")
+        assert reply["status"] == "ok"
+        assert "room:1" in broker.subscribed  # live when the reply goes out, for every joiner
+
+    await asyncio.gather(join_and_check(a), join_and_check(b))
+    assert broker.calls == [("subscribe", "room:1")]  # one subscription shared by both
+    await kit.stop()
+
+
+async def test_a_sweep_keeps_a_topic_joined_while_it_runs():
+    broker = SlowBroker()
+    kit = ChannelTestKit(_router(), broker=broker)
+    await kit.start()
+    hub = kit.endpoint.hub
+    first, second = kit.connect({"sub": "a"}), kit.connect({"sub": "b"})
+    await first.join("room:1")
+    await first.join("room:2")
+    await first.socket.terminate("closed")  # both topics idle now
+    sweep = asyncio.create_task(hub.sweep())
+    await asyncio.sleep(0.01)  # the sweep is unsubscribing its first idle topic...
+    idle_now = [t for t in ("room:1", "room:2") if ("unsubscribe", t) not in broker.calls]
+    (later,) = idle_now
+    await second.join(later)  # ...when someone joins the other one
+    await sweep
+    assert later in broker.subscribed
+    await kit.endpoint.broadcast(later, "news", {"n": 1})
+    assert second.pushes("news") == [{"n": 1}]
+    await kit.stop()

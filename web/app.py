@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -132,6 +133,12 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Most objects made from here on are short-lived (frames, payloads, presence listings): with
+        # the default young-generation threshold the collector took over half the CPU while a large
+        # presence room filled (bench/README.md). Start-up objects are frozen out of its scans.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(100_000, *gc.get_threshold()[1:])
         await endpoint.start()
         await ingest.start()
         await tracker.start()
