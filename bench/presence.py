@@ -10,14 +10,15 @@ Four parts, in this order (`--parts` picks some):
    (`bench/presence_client.mjs`) that join `presence:subject:big` one distinct user per socket and
    then only count the bytes they get; the room grows through `--e2e-sizes` and at each size fresh
    clients (this driver, Python `websockets`) time `phx_join` → join reply → complete
-   `presence_state`. At the largest size one more fresh client advertises an Ethernet-sized TCP MSS
-   (1448 bytes), as a client across a real network does.
+   `presence_state`, then watch 0.25 s for a close. At the largest size `--mss-joins` more fresh clients
+   advertise an Ethernet-sized TCP MSS (1448 bytes), as a client across a real network does.
 3. `tracker`: in process, track/untrack ops/s of a PresenceTracker with its replication loop running on
    a memory-broker hub, alone and with a peer tracker applying its deltas.
 4. `churn` (one node, memory broker) and `churn-cluster` (two nodes on Redis, every room's users split
    between them): `--rooms` x `--users-per-room` sockets in Node processes, each joining and leaving
-   its room `presence:subject:room{k}` over and over. First closed loop (each socket sends its next
-   op when the previous one is answered: the rate the server sustains), then open loop at
+   its room `presence:subject:room{k}` over and over. Every socket first joins once, all at once, and
+   stays (`--no-prime`: the first joins happen amid the churn instead). Then closed loop (each socket
+   sends its next op when the previous one is answered: the rate the server sustains), then open loop at
    `--paced-fraction` of that rate (latency at a load the node can carry). At the end every socket
    rejoins and stays; fresh observers on every node then check each room's `presence_state`: all of
    the room's users, one meta each, identical on both nodes.
@@ -1072,8 +1073,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile_limit()  # inherited by the server and Node processes
     os.chdir(ROOT)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        results = runner.run(main_async(args))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            results = runner.run(main_async(args))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        console.print("[yellow]interrupted: every server and client this run started has been stopped")
+        return 130
     out = args.out or ROOT / "bench" / "results" / f"presence-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
