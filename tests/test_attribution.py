@@ -120,27 +120,18 @@ async def test_tampered_or_unknown_tokens_convert_nobody(db):
     assert conversions == {}
 
 
-async def test_last_touch_credits_the_link_in_the_token(db):
+@pytest.mark.parametrize(
+    ("model", "credited", "source"),
+    [("last_touch", "bob", "proud_parent"), ("first_touch", "ann", "results_rally")],
+)
+async def test_last_touch_credits_the_token_and_first_touch_the_earliest_click(db, model, credited, source):
     first = await make_link(db, "ann", "results_rally", created=NOW - timedelta(days=6))
     last = await make_link(db, "bob", "proud_parent", created=NOW - timedelta(days=6))
     await click(db, first, "v9", NOW - timedelta(days=5))
     await click(db, last, "v9", NOW - timedelta(days=1))
     signup = event("s", "signup", "newbie", NOW, referral_token=last, visitor_id="v9")
-    assert (await run(db, [signup]))["newbie"].referrer_id == "bob"
-
-
-async def test_first_touch_credits_the_earliest_click_in_the_window(db):
-    first = await make_link(db, "ann", "results_rally", created=NOW - timedelta(days=6))
-    last = await make_link(db, "bob", "proud_parent", created=NOW - timedelta(days=6))
-    await click(db, first, "v9", NOW - timedelta(days=5))
-    await click(db, last, "v9", NOW - timedelta(days=1))
-    signup = event("s", "signup", "newbie", NOW, referral_token=last, visitor_id="v9")
-    conversion = (await run(db, [signup], model="first_touch"))["newbie"]
-    assert (conversion.referrer_id, conversion.source, conversion.model) == (
-        "ann",
-        "results_rally",
-        "first_touch",
-    )
+    conversion = (await run(db, [signup], model=model))["newbie"]
+    assert (conversion.referrer_id, conversion.source, conversion.model) == (credited, source, model)
 
 
 async def test_first_value_activates_once(db):
