@@ -3,6 +3,7 @@
 from realtime import Router
 
 from .context import ChannelContext
+from .dashboard import KFactorChannel
 from .feed import FeedConsumer
 from .feed_channel import FeedChannel
 from .leaderboard import LeaderboardConsumer, Leaderboards, boards_from_url
@@ -16,6 +17,7 @@ __all__ = [
     "FeedChannel",
     "FeedConsumer",
     "GlobalPresenceChannel",
+    "KFactorChannel",
     "LeaderboardChannel",
     "LeaderboardConsumer",
     "Leaderboards",
@@ -34,4 +36,5 @@ def build_router() -> Router:
     router.channel("presence:global", GlobalPresenceChannel)
     router.channel("feed:*", FeedChannel)
     router.channel("leaderboard:*", LeaderboardChannel)
+    router.channel("dashboard:k_factor", KFactorChannel)
     return router

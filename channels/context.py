@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metrics import EventIngest
+from metrics.live import KFactorDashboard
 from presence import PresenceTracker
 from store import Database
 
@@ -21,5 +22,6 @@ class ChannelContext:
     ingest: EventIngest
     leaderboards: Leaderboards
     board_watcher: BoardWatcher
+    k_factor: KFactorDashboard
     # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
     pseudonym_key: bytes

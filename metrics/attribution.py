@@ -15,6 +15,7 @@ from the attribution cookie `/r/{token}` set or given explicitly — and optiona
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,13 +33,21 @@ MODELS = ("last_touch", "first_touch")
 class AttributionConsumer:
     name = "attribution"
 
-    def __init__(self, signer: LinkSigner, model: str = "last_touch") -> None:
+    def __init__(
+        self,
+        signer: LinkSigner,
+        model: str = "last_touch",
+        notify: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         if model not in MODELS:
             raise ValueError(f"attribution model must be one of {MODELS}")
         self.signer = signer
         self.model = model
+        self.notify = notify  # told after every batch: the growth numbers' inputs moved
 
-    async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> None:
+    async def handle(
+        self, events: list[dict[str, Any]], session: AsyncSession
+    ) -> Callable[[], Awaitable[None]] | None:
         for event in events:
             if event["type"] == "signup":
                 await self._signup(event, session)
@@ -48,7 +57,7 @@ class AttributionConsumer:
                     .where(Conversion.user_id == event["user_id"], Conversion.activated_at.is_(None))
                     .values(activated_at=datetime.fromisoformat(event["ts"]))
                 )
-        return None
+        return self.notify
 
     async def _signup(self, event: dict[str, Any], session: AsyncSession) -> None:
         new_user = event["user_id"]

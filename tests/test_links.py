@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from servers import SECRET, make_token
+import websockets
+from servers import SECRET, PhxClient, make_token
 from sqlalchemy import select
 
 from metrics.links import LinkError, LinkSigner, check_target, key_id
@@ -187,3 +188,34 @@ async def test_a_signup_through_a_link_shows_in_the_k_factor_endpoint(server_fac
         exported = await http.get("/api/metrics/k-factor?days=7&format=csv", headers=_auth("ops", "admin"))
         assert exported.headers["content-type"].startswith("text/csv")
         assert "k_factor,1.0" in exported.text and "by_source" in exported.text
+
+
+async def test_the_dashboard_gets_the_report_live_and_it_equals_the_endpoint(server_factory):
+    server = server_factory()
+    admin = PhxClient(await websockets.connect(server.ws_url(make_token("ops", "admin"))))
+    student = await PhxClient.connect(server.ws_url(make_token("maya")))
+    try:
+        assert (await student.join("dashboard:k_factor"))["response"] == {"reason": "unauthorized"}
+        assert (await admin.join("dashboard:k_factor", {"days": 5}))["status"] == "error"
+        joined = await admin.join("dashboard:k_factor", {"days": 7})
+        assert joined["status"] == "ok" and joined["response"]["signups"] == 0
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            made = (
+                await http.post("/api/links", json={"source": "proud_parent"}, headers=_auth("maya"))
+            ).json()
+            invite = {"type": "invite_sent", "user_id": "maya", "props": {"source": "proud_parent"}}
+            await http.post("/api/events", json=invite, headers=_auth("maya"))
+            await http.get(f"/r/{made['token']}")
+            signup = {"type": "signup", "user_id": "newbie", "props": {"referral_token": made["token"]}}
+            await http.post("/api/events", json=signup, headers=_auth("newbie"))
+            update = await admin.wait_for(
+                lambda f: f[3] == "metrics_update" and f[4]["signups"] == 1, timeout=10
+            )
+            assert update[4]["k_factor"] == 1.0 and update[4]["clicks"] == 1
+            endpoint = (await http.get("/api/metrics/k-factor?days=7", headers=_auth("ops", "admin"))).json()
+        assert update[4] == endpoint
+        pushes = admin.events("dashboard:k_factor", "metrics_update")
+        assert len(pushes) <= 4  # coalesced: at most one a second, only when the numbers moved
+    finally:
+        await admin.close()
+        await student.close()

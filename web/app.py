@@ -18,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
 from metrics import EventIngest, stream_from_url
 from metrics.links import LinkSigner
+from metrics.live import KFactorDashboard
 from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     ingest = EventIngest(database, stream)
     leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
     board_watcher = BoardWatcher(endpoint.hub, leaderboards)
+    k_factor = KFactorDashboard(endpoint.hub, database)
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
     runner = (
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         ingest=ingest,
         leaderboards=leaderboards,
         board_watcher=board_watcher,
+        k_factor=k_factor,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
 
@@ -143,6 +146,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         await ingest.start()
         await tracker.start()
         await board_watcher.start()
+        await k_factor.start()
         if runner is not None:
             await runner.start()
         log.info("viral-engine ready: broker=%s node=%s", settings.broker_url, tracker.node)
@@ -151,6 +155,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         finally:
             if runner is not None:
                 await runner.stop()
+            await k_factor.stop()
             await board_watcher.stop()
             await tracker.stop()
             await endpoint.stop()
@@ -177,6 +182,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     app.state.database = database
     app.state.presence = tracker
     app.state.ingest = ingest
+    app.state.k_factor = k_factor
     app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
     app.state.runner = runner
     app.state.registry = build_registry(endpoint)

@@ -120,6 +120,7 @@ async def follow_link(request: Request) -> Response:
             .limit(1)
         )
         session.add(Click(nonce=link.nonce, visitor=visitor, unique_click=recent is None, clicked_at=now))
+    await request.app.state.k_factor.changed()  # clicks are in the report
     response = RedirectResponse(link.target, status_code=302)
     cookie = {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https", "path": "/"}
     response.set_cookie(VISITOR_COOKIE, visitor, max_age=365 * 86400, **cookie)  # type: ignore[arg-type]

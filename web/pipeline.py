@@ -8,6 +8,7 @@ from channels import FeedConsumer, LeaderboardConsumer, Leaderboards
 from metrics import ConsumerRunner, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
 from metrics.links import LinkSigner
+from metrics.live import KFactorDashboard
 from realtime import Hub
 from store import Database
 
@@ -30,7 +31,9 @@ def build_runner(
             FeedConsumer(hub),
             LeaderboardConsumer(leaderboards, hub),
             AttributionConsumer(
-                LinkSigner(settings.secret_key, settings.old_secret_keys), settings.attribution_model
+                LinkSigner(settings.secret_key, settings.old_secret_keys),
+                settings.attribution_model,
+                notify=KFactorDashboard(hub, database).changed,
             ),
         ],
         relay=ingest.relay_unpublished,
