@@ -293,4 +293,63 @@ def _within_days(session: AsyncSession, earlier: Any, later: Any, days: int) -> 
     return _seconds_between(session, earlier, later) <= days * 86400
 
 
-__all__ = ["PERIODS", "active_users", "k_factor_report", "ratio"]
+def band(k: float) -> str:
+    """What to do with a loop, by its K: scale ≥ 1.2 (the program target), continue ≥ 1.0 (it
+    sustains itself), optimise ≥ 0.8 (close), else deprioritise."""
+    if k >= 1.2:
+        return "scale"
+    if k >= 1.0:
+        return "continue"
+    if k >= 0.8:
+        return "optimise"
+    return "deprioritise"
+
+
+async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> list[dict[str, Any]]:
+    """Per loop (source): K, conversion rate, conversions per referrer, median cycle time, and a band."""
+    start, end = now - timedelta(days=days), now
+    base = await active_users(session, start, end)
+    source = Event.props["source"].as_string()
+    invites = {
+        s: (int(n), int(r))
+        for s, n, r in (
+            await session.execute(
+                select(source, func.count(), func.count(distinct(Event.user_id)))
+                .where(Event.type == "invite_sent", Event.ts >= start, Event.ts < end)
+                .group_by(source)
+            )
+        ).all()
+    }
+    hours = _seconds_between(session, Link.created_at, Conversion.signup_at) / 3600.0
+    won = {
+        s: (int(n), float(h) if h is not None else None)
+        for s, n, h in (
+            await session.execute(
+                select(Conversion.source, func.count(), func.avg(hours))
+                .join(Link, Link.nonce == Conversion.nonce)
+                .where(Conversion.signup_at >= start, Conversion.signup_at < end)
+                .group_by(Conversion.source)
+            )
+        ).all()
+    }
+    loops = []
+    for name in sorted(set(invites) | set(won), key=lambda s: s or ""):
+        sent, referrers = invites.get(name, (0, 0))
+        signups, mean_hours = won.get(name, (0, None))
+        k = ratio(sent, base) * ratio(signups, sent)
+        loops.append(
+            {
+                "source": name or "unknown",
+                "k_factor": k,
+                "invites_sent": sent,
+                "signups": signups,
+                "conversion_rate": ratio(signups, sent),
+                "conversions_per_referrer": ratio(signups, referrers),
+                "mean_cycle_hours": round(mean_hours, 2) if mean_hours is not None else None,
+                "recommendation": band(k),
+            }
+        )
+    return loops
+
+
+__all__ = ["PERIODS", "active_users", "band", "k_factor_report", "loop_efficiency", "ratio"]

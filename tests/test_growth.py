@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from metrics.growth import k_factor_report
+from metrics.growth import band, k_factor_report, loop_efficiency
 from store import Click, Conversion, Database, Event, Link
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -170,3 +170,21 @@ async def test_the_window_is_half_open_from_its_start_to_now(db):
             ]
         )
     assert (await report(db))["invites_sent"] == 1  # [now - 7 days, now)
+
+
+@pytest.mark.parametrize(
+    ("k", "advice"),
+    [(1.5, "scale"), (1.2, "scale"), (1.0, "continue"), (0.8, "optimise"), (0.79, "deprioritise")],
+)
+def test_recommendation_bands(k, advice):
+    assert band(k) == advice
+
+
+async def test_loop_efficiency_per_source(db, history):
+    async with db.session() as session:
+        loops = {loop["source"]: loop for loop in await loop_efficiency(session, 7, NOW)}
+    study, rally = loops["study_buddy"], loops["results_rally"]
+    assert study["k_factor"] == pytest.approx(2 / 3) and study["recommendation"] == "deprioritise"
+    assert study["conversions_per_referrer"] == pytest.approx(1.0)  # 2 signups, referrers ann and dan
+    assert study["mean_cycle_hours"] == pytest.approx(15.0)  # (24 + 6) / 2
+    assert rally["k_factor"] == pytest.approx(1 / 3) and rally["mean_cycle_hours"] == pytest.approx(36.0)

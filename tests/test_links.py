@@ -213,6 +213,11 @@ async def test_the_dashboard_gets_the_report_live_and_it_equals_the_endpoint(ser
             )
             assert update[4]["k_factor"] == 1.0 and update[4]["clicks"] == 1
             endpoint = (await http.get("/api/metrics/k-factor?days=7", headers=_auth("ops", "admin"))).json()
+            loops = (await http.get("/api/metrics/loops?days=7", headers=_auth("ops", "admin"))).json()
+        assert (
+            loops["loops"][0]["source"] == "proud_parent"
+            and loops["loops"][0]["recommendation"] == "continue"
+        )
         assert update[4] == endpoint
         pushes = admin.events("dashboard:k_factor", "metrics_update")
         assert len(pushes) <= 4  # coalesced: at most one a second, only when the numbers moved

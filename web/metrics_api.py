@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from metrics.growth import PERIODS, k_factor_report
+from metrics.growth import PERIODS, k_factor_report, loop_efficiency
 from store import utcnow
 
 from .auth import require_role
@@ -41,9 +41,7 @@ def report_csv(report: dict[str, Any]) -> str:
 
 async def k_factor(request: Request) -> Response:
     require_role(request, "admin")
-    raw = request.query_params.get("days", "7")
-    if not raw.isdigit() or int(raw) not in PERIODS:
-        raise HTTPException(422, f"days must be one of {list(PERIODS)}")
+    raw = str(_days(request))
     async with request.app.state.database.session() as session:
         report = await k_factor_report(session, int(raw), utcnow())
     if request.query_params.get("format") == "csv":
@@ -55,4 +53,18 @@ async def k_factor(request: Request) -> Response:
     return ORJSONResponse(report)
 
 
-routes = [Route("/api/metrics/k-factor", k_factor)]
+async def loops(request: Request) -> Response:
+    require_role(request, "admin")
+    days = _days(request)
+    async with request.app.state.database.session() as session:
+        return ORJSONResponse({"days": days, "loops": await loop_efficiency(session, days, utcnow())})
+
+
+def _days(request: Request) -> int:
+    raw = request.query_params.get("days", "7")
+    if not raw.isdigit() or int(raw) not in PERIODS:
+        raise HTTPException(422, f"days must be one of {list(PERIODS)}")
+    return int(raw)
+
+
+routes = [Route("/api/metrics/k-factor", k_factor), Route("/api/metrics/loops", loops)]
