@@ -7,7 +7,6 @@ board, and only to a viewer whose top 10 or own standing changed (a new period c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from metrics.live import ChangeListener
 from realtime import Channel, Hub, JoinError
 
 from .context import ChannelContext
@@ -50,17 +50,15 @@ class LeaderboardChannel(Channel):
         context.board_watcher.unwatch(self)
 
 
-class BoardWatcher:
+class BoardWatcher(ChangeListener):
     """Per node: hears which subjects changed, and refreshes its own viewers once a second."""
 
     def __init__(self, hub: Hub, leaderboards: Leaderboards, interval: float = 1.0) -> None:
-        self.hub = hub
+        super().__init__(hub, CHANGES_TOPIC, interval, "leaderboard-watcher")
         self.leaderboards = leaderboards
-        self.interval = interval
         self._viewers: dict[tuple[str, str], set[LeaderboardChannel]] = {}
         self._dirty: set[str] = set()
         self._periods: dict[tuple[str, str], str] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def watch(self, channel: LeaderboardChannel) -> None:
         self._viewers.setdefault((channel.subject, channel.window), set()).add(channel)
@@ -72,28 +70,12 @@ class BoardWatcher:
             if not viewers:
                 del self._viewers[(channel.subject, channel.window)]
 
-    async def start(self) -> None:
-        await self.hub.listen(CHANGES_TOPIC, self._on_change)
-        self._task = asyncio.create_task(self._run(), name="leaderboard-watcher")
-
-    async def stop(self) -> None:
-        self.hub.unlisten(CHANGES_TOPIC, self._on_change)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def _on_change(self, raw: bytes) -> None:
+    def note(self, raw: bytes) -> None:
         with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
             self._dirty.add(str(orjson.loads(raw)["subject"]))
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("leaderboard refresh failed")
+    async def tick(self) -> None:
+        await self.refresh()  # every tick, not only on notices: a new period is a change too
 
     async def refresh(self) -> int:
         """Push to every viewer whose view changed; returns how many pushes went out."""

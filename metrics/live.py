@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -31,14 +32,54 @@ class Viewer(Protocol):
     def push(self, event: str, payload: Any) -> None: ...
 
 
-class KFactorDashboard:
-    def __init__(self, hub: Hub, database: Database, interval: float = 1.0) -> None:
+class ChangeListener(ABC):
+    """Hears change notices on a broker topic and calls `tick()` once every `interval` seconds.
+
+    The shape every live view shares: notices mark what moved (`note`), the tick turns them into at
+    most one push per viewer per interval. Subclasses implement `note` and `tick`.
+    """
+
+    def __init__(self, hub: Hub, topic: str, interval: float, name: str) -> None:
         self.hub = hub
-        self.database = database
+        self.topic = topic
         self.interval = interval
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    def note(self, raw: bytes) -> None:
+        """A change notice arrived (called synchronously by the hub)."""
+
+    @abstractmethod
+    async def tick(self) -> None:
+        """Once per interval: push what changed."""
+
+    async def start(self) -> None:
+        await self.hub.listen(self.topic, self.note)
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        self.hub.unlisten(self.topic, self.note)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("%s failed", self._name)
+
+
+class KFactorDashboard(ChangeListener):
+    def __init__(self, hub: Hub, database: Database, interval: float = 1.0) -> None:
+        super().__init__(hub, CHANGES_TOPIC, interval, "k-factor-dashboard")
+        self.database = database
         self._viewers: set[Viewer] = set()
         self._dirty = False
-        self._task: asyncio.Task[None] | None = None
 
     async def changed(self) -> None:
         """Tell every node the inputs moved (cheap: one small broker message; best effort)."""
@@ -57,30 +98,13 @@ class KFactorDashboard:
     def unwatch(self, viewer: Viewer) -> None:
         self._viewers.discard(viewer)
 
-    async def start(self) -> None:
-        await self.hub.listen(CHANGES_TOPIC, self._on_change)
-        self._task = asyncio.create_task(self._run(), name="k-factor-dashboard")
-
-    async def stop(self) -> None:
-        self.hub.unlisten(CHANGES_TOPIC, self._on_change)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def _on_change(self, raw: bytes) -> None:
+    def note(self, raw: bytes) -> None:
         self._dirty = True
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            if not self._dirty or not self._viewers:
-                continue
+    async def tick(self) -> None:
+        if self._dirty and self._viewers:
             self._dirty = False
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("k-factor dashboard refresh failed")
+            await self.refresh()
 
     async def refresh(self) -> int:
         """One report per distinct window in use; a push to each viewer whose numbers changed."""
