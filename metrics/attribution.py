@@ -19,12 +19,13 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store import Click, Conversion, Link
 
 from .links import LinkError, LinkSigner
+from .rewards import Paid, pay
 
 WINDOW = timedelta(days=7)
 MODELS = ("last_touch", "first_touch")
@@ -38,41 +39,61 @@ class AttributionConsumer:
         signer: LinkSigner,
         model: str = "last_touch",
         notify: Callable[[], Awaitable[None]] | None = None,
+        reward: Callable[[Paid], Awaitable[None]] | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"attribution model must be one of {MODELS}")
         self.signer = signer
         self.model = model
         self.notify = notify  # told after every batch: the growth numbers' inputs moved
+        self.reward = reward  # tells a referrer what they earned (a `reward` push on user:{id})
 
     async def handle(
         self, events: list[dict[str, Any]], session: AsyncSession
     ) -> Callable[[], Awaitable[None]] | None:
+        paid: list[Paid | None] = []
         for event in events:
+            at = datetime.fromisoformat(event["ts"])
             if event["type"] == "signup":
-                await self._signup(event, session)
+                conversion = await self._signup(event, session)
+                if conversion is not None:
+                    paid.append(
+                        await pay(session, conversion.referrer_id, "referral_signup", conversion.user_id, at)
+                    )
             elif event["type"] == "first_value":
-                await session.execute(
-                    update(Conversion)
-                    .where(Conversion.user_id == event["user_id"], Conversion.activated_at.is_(None))
-                    .values(activated_at=datetime.fromisoformat(event["ts"]))
-                )
-        return self.notify
+                conversion = await session.get(Conversion, event["user_id"])
+                if conversion is not None and conversion.activated_at is None:
+                    conversion.activated_at = at
+                    paid.append(
+                        await pay(
+                            session, conversion.referrer_id, "referral_activated", conversion.user_id, at
+                        )
+                    )
+        rewards = [p for p in paid if p is not None]
 
-    async def _signup(self, event: dict[str, Any], session: AsyncSession) -> None:
+        async def after() -> None:
+            if self.reward is not None:
+                for reward in rewards:
+                    await self.reward(reward)
+            if self.notify is not None:
+                await self.notify()
+
+        return after
+
+    async def _signup(self, event: dict[str, Any], session: AsyncSession) -> Conversion | None:
         new_user = event["user_id"]
         props = event["props"]
         token = props.get("referral_token")
         visitor = props.get("visitor_id") if isinstance(props.get("visitor_id"), str) else None
         signup_at = datetime.fromisoformat(event["ts"])
         if not isinstance(token, str) or await session.get(Conversion, new_user) is not None:
-            return
+            return None
         link = await self._verified_link(token, session, signup_at)
         if link is None:
-            return
+            return None
         touched_at = await self._touch(link, visitor, signup_at, session)
         if touched_at is None:
-            return
+            return None
         if self.model == "first_touch" and visitor is not None:
             first = (
                 await session.execute(
@@ -90,19 +111,20 @@ class AttributionConsumer:
             if first is not None:
                 link, touched_at = first
         if link.referrer_id == new_user:
-            return  # nobody refers themselves
-        session.add(
-            Conversion(
-                user_id=new_user,
-                referrer_id=link.referrer_id,
-                nonce=link.nonce,
-                source=link.source,
-                model=self.model,
-                touched_at=touched_at,
-                signup_at=signup_at,
-                signup_event_id=event["id"],
-            )
+            return None  # nobody refers themselves
+        conversion = Conversion(
+            user_id=new_user,
+            referrer_id=link.referrer_id,
+            nonce=link.nonce,
+            source=link.source,
+            model=self.model,
+            touched_at=touched_at,
+            signup_at=signup_at,
+            signup_event_id=event["id"],
         )
+        session.add(conversion)
+        await session.flush()
+        return conversion
 
     async def _verified_link(self, token: str, session: AsyncSession, at: datetime) -> Link | None:
         try:

@@ -12,6 +12,7 @@ from .models import (
     Link,
     LinkRejection,
     Reaction,
+    Reward,
     ScoreEntry,
     User,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Link",
     "LinkRejection",
     "Reaction",
+    "Reward",
     "ScoreEntry",
     "User",
     "utcnow",

@@ -192,3 +192,25 @@ class Conversion(Base):
         Index("ix_conversions_referrer", "referrer_id", "signup_at"),
         Index("ix_conversions_signup", "signup_at"),
     )
+
+
+class Reward(Base):
+    """The rewards ledger: who got what, why, for which conversion. One row per (user, kind, reason,
+    conversion): processing the same conversion again cannot pay twice."""
+
+    __tablename__ = "rewards"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    user_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # "xp" | "streak_shield"
+    amount: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(32))  # "referral_signup" | "referral_activated"
+    conversion_user_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("user_id", "kind", "reason", "conversion_user_id", name="uq_rewards_once"),
+        Index("ix_rewards_user_time", "user_id", "created_at"),
+    )

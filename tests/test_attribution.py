@@ -10,7 +10,7 @@ from sqlalchemy import select
 from metrics import ConsumerRunner, MemoryEventStream
 from metrics.attribution import AttributionConsumer
 from metrics.links import LinkSigner
-from store import Click, Conversion, Database, Link
+from store import Click, Conversion, Database, Link, Reward
 
 KEY = "attribution-test-key-0123456789abcdef"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -146,3 +146,38 @@ async def test_first_value_activates_once(db):
         ],
     )
     assert conversions["newbie"].activated_at == NOW + timedelta(hours=2)
+
+
+async def rewards(db: Database) -> list[tuple[str, str, int, str, str]]:
+    async with db.session() as session:
+        rows = (await session.execute(select(Reward).order_by(Reward.id))).scalars().all()
+    return [(r.user_id, r.kind, r.amount, r.reason, r.conversion_user_id) for r in rows]
+
+
+async def test_conversions_and_activations_pay_the_referrer_once(db):
+    token = await make_link(db, "maya")
+    batch = [
+        event("s", "signup", "newbie", NOW, referral_token=token),
+        event("f", "first_value", "newbie", NOW + timedelta(hours=1)),
+    ]
+    await run(db, batch)
+    await run(db, [event("s2", "signup", "newbie", NOW, referral_token=token)])  # a second signup: nothing
+    assert await rewards(db) == [
+        ("maya", "xp", 100, "referral_signup", "newbie"),
+        ("maya", "streak_shield", 1, "referral_activated", "newbie"),
+    ]
+
+
+async def test_daily_caps_hold(db):
+    token = await make_link(db, "maya")
+    signups = [
+        event(f"s{i}", "signup", f"n{i}", NOW + timedelta(minutes=i), referral_token=token) for i in range(7)
+    ]
+    firsts = [event(f"f{i}", "first_value", f"n{i}", NOW + timedelta(hours=1, minutes=i)) for i in range(7)]
+    await run(db, signups + firsts)
+    paid = await rewards(db)
+    assert sum(a for _, kind, a, _, _ in paid if kind == "xp") == 500  # 5 of 7 signups paid
+    assert sum(a for _, kind, a, _, _ in paid if kind == "streak_shield") == 3
+    next_day = [event("s9", "signup", "n9", NOW + timedelta(days=1), referral_token=token)]
+    await run(db, next_day)
+    assert (await rewards(db))[-1] == ("maya", "xp", 100, "referral_signup", "n9")

@@ -224,3 +224,25 @@ async def test_the_dashboard_gets_the_report_live_and_it_equals_the_endpoint(ser
     finally:
         await admin.close()
         await student.close()
+
+
+async def test_the_referrer_hears_of_their_reward_on_their_user_topic(server_factory):
+    server = server_factory()
+    maya = await PhxClient.connect(server.ws_url(make_token("maya")))
+    try:
+        assert (await maya.join("user:maya"))["status"] == "ok"
+        async with httpx.AsyncClient(base_url=server.http) as http:
+            made = (
+                await http.post("/api/links", json={"source": "buddy_challenge"}, headers=_auth("maya"))
+            ).json()
+            signup = {"type": "signup", "user_id": "sam", "props": {"referral_token": made["token"]}}
+            assert (await http.post("/api/events", json=signup, headers=_auth("sam"))).status_code == 202
+        reward = await maya.wait_for(lambda f: f[3] == "reward", timeout=10)
+        assert reward[4] == {
+            "kind": "xp",
+            "amount": 100,
+            "reason": "referral_signup",
+            "for": "a friend you invited",
+        }
+    finally:
+        await maya.close()

@@ -9,10 +9,15 @@ from metrics import ConsumerRunner, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
 from metrics.links import LinkSigner
 from metrics.live import KFactorDashboard
+from metrics.rewards import Paid
 from realtime import Hub
 from store import Database
 
 from .config import Settings
+
+
+async def push_reward(hub: Hub, paid: Paid) -> None:
+    await hub.broadcast(f"user:{paid.user_id}", "reward", paid.push_payload())
 
 
 def build_runner(
@@ -34,6 +39,7 @@ def build_runner(
                 LinkSigner(settings.secret_key, settings.old_secret_keys),
                 settings.attribution_model,
                 notify=KFactorDashboard(hub, database).changed,
+                reward=lambda paid: push_reward(hub, paid),
             ),
         ],
         relay=ingest.relay_unpublished,
