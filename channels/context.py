@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from metrics import EventIngest
 from metrics.live import KFactorDashboard
 from presence import PresenceTracker
+from realtime import Channel
 from store import Database
 
 if TYPE_CHECKING:
@@ -25,3 +26,14 @@ class ChannelContext:
     k_factor: KFactorDashboard
     # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
     pseudonym_key: bytes
+
+
+class ProductChannel(Channel):
+    """A channel of this product: `services` is the app's ChannelContext, typed."""
+
+    __slots__ = ()
+
+    @property
+    def services(self) -> ChannelContext:
+        context: ChannelContext = self.socket.context
+        return context

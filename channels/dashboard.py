@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from metrics.growth import PERIODS
-from realtime import Channel, JoinError
+from realtime import JoinError
 
 from .access import is_admin
-from .context import ChannelContext
+from .context import ProductChannel
 
 
-class KFactorChannel(Channel):
+class KFactorChannel(ProductChannel):
     __slots__ = ("days", "last_sent")
 
     def __init__(self, *args: Any) -> None:
@@ -26,12 +26,10 @@ class KFactorChannel(Channel):
         if days not in PERIODS:
             raise JoinError(f"days must be one of {list(PERIODS)}")
         self.days = days
-        context: ChannelContext = self.context
-        report = await context.k_factor.report(days)
+        report = await self.services.k_factor.report(days)
         self.last_sent = report
-        context.k_factor.watch(self)
+        self.services.k_factor.watch(self)
         return report
 
     async def terminate(self, reason: str) -> None:
-        context: ChannelContext = self.context
-        context.k_factor.unwatch(self)
+        self.services.k_factor.unwatch(self)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
-from store import Database, Feed, FeedItem, User, utcnow
+from store import Database, Feed, FeedItem, User, dialect_insert, utcnow
 
+from .access import is_self_or_admin
+from .presence import SUBJECT
 from .privacy import ANONYMOUS_NAME
 
 ITEM_EVENT = "new_activity"
@@ -68,6 +68,17 @@ def describe(event: dict[str, Any], *, name: str, public_name: str | None) -> Ac
     return None
 
 
+def feed_refusal(feed: str, claims: dict[str, Any]) -> str | None:
+    """Why these claims may not read `feed` ("unauthorized", "invalid subject", "unknown feed"), or None."""
+    if feed == "global":
+        return None
+    if feed.startswith("subject:"):
+        return None if SUBJECT.match(feed.removeprefix("subject:")) else "invalid subject"
+    if feed.startswith("user:"):
+        return None if is_self_or_admin(claims, feed.removeprefix("user:")) else "unauthorized"
+    return "unknown feed"
+
+
 def feed_topic(feed: str) -> str:
     return f"feed:{feed}"
 
@@ -93,11 +104,6 @@ def row_payload(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dialect_insert(session: AsyncSession) -> Any:
-    """`INSERT … ON CONFLICT` for the session's database."""
-    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-
-
 async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict[str, int]:
     """Reserve `counts[feed]` consecutive offsets in each feed; returns the first offset of each.
 
@@ -107,7 +113,7 @@ async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict
     if not counts:
         return {}
     names = sorted(counts)
-    insert = dialect_insert(session)
+    insert = dialect_insert(session.bind.dialect.name)
     await session.execute(
         insert(Feed).on_conflict_do_nothing(),
         [{"name": name, "epoch": secrets.token_hex(8), "next_offset": 1} for name in names],

@@ -11,19 +11,17 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from realtime import Channel, JoinError, ReplyError
-from store import FeedItem, Reaction, utcnow
+from realtime import JoinError, ReplyError
+from store import FeedItem, Reaction, dialect_insert, utcnow
 
-from .access import is_self_or_admin
-from .context import ChannelContext
-from .feed import HISTORY_PAGE, ITEM_EVENT, dialect_insert, feed_history, items_after
-from .presence import SUBJECT
+from .context import ProductChannel
+from .feed import HISTORY_PAGE, ITEM_EVENT, feed_history, feed_refusal, items_after
 
 REACTIONS = frozenset({"cheer"})
 REACTIONS_PER_MINUTE = 20
 
 
-class FeedChannel(Channel):
+class FeedChannel(ProductChannel):
     __slots__ = ("_offset", "_reactions")
 
     def __init__(self, *args: Any) -> None:
@@ -35,21 +33,13 @@ class FeedChannel(Channel):
     def feed(self) -> str:
         return self.topic.removeprefix("feed:")
 
-    @property
-    def services(self) -> ChannelContext:
-        context: ChannelContext = self.context
-        return context
-
     async def join(self, params: dict[str, Any]) -> dict[str, Any]:
         feed = self.feed
-        if feed.startswith("user:"):
-            if not is_self_or_admin(self.claims, feed.removeprefix("user:")):
-                raise JoinError("unauthorized")
-        elif feed.startswith("subject:"):
-            if not SUBJECT.match(feed.removeprefix("subject:")):
-                raise JoinError("invalid subject: use 1-64 letters, digits, '-' or '_'")
-        elif feed != "global":
-            raise JoinError("unmatched topic")
+        refusal = feed_refusal(feed, self.claims)
+        if refusal == "invalid subject":
+            raise JoinError("invalid subject: use 1-64 letters, digits, '-' or '_'")
+        if refusal is not None:
+            raise JoinError("unmatched topic" if refusal == "unknown feed" else refusal)
         since = params.get("since")
         epoch = params.get("epoch")
         limit = params.get("limit", HISTORY_PAGE)
@@ -94,7 +84,7 @@ class FeedChannel(Channel):
             )
             if exists is None:
                 raise ReplyError("no such item in this feed")
-            insert = dialect_insert(session)
+            insert = dialect_insert(session.bind.dialect.name)
             added = (
                 await session.execute(
                     insert(Reaction)

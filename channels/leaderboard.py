@@ -248,10 +248,6 @@ class Leaderboards:
         log.info("rebuilt leaderboard %s/%s from the database (%d users)", subject, window, len(scores))
         return len(scores)
 
-    @staticmethod
-    def period(window: str, now: datetime) -> str:
-        return period(window, now)
-
     async def top(self, subject: str, window: str, now: datetime) -> tuple[str, list[dict[str, Any]]]:
         """The board's key and its top entries, ranked, with names as viewers may see them."""
         key, _ = await self.ensure(subject, window, now)

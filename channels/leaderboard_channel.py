@@ -15,16 +15,16 @@ from typing import Any
 import orjson
 
 from metrics.live import ChangeListener
-from realtime import Channel, Hub, JoinError
+from realtime import Hub, JoinError
 
-from .context import ChannelContext
-from .leaderboard import CHANGES_TOPIC, WINDOWS, Leaderboards
+from .context import ProductChannel
+from .leaderboard import CHANGES_TOPIC, WINDOWS, Leaderboards, period
 from .presence import SUBJECT
 
 log = logging.getLogger(__name__)
 
 
-class LeaderboardChannel(Channel):
+class LeaderboardChannel(ProductChannel):
     __slots__ = ("last_sent", "subject", "window")
 
     def __init__(self, *args: Any) -> None:
@@ -37,17 +37,15 @@ class LeaderboardChannel(Channel):
             raise JoinError("invalid subject: use 1-64 letters, digits, '-' or '_'")
         if self.window not in WINDOWS:
             raise JoinError(f"window must be one of {list(WINDOWS)}")
-        context: ChannelContext = self.context
-        view = await context.leaderboards.view(
+        view = await self.services.leaderboards.view(
             self.subject, self.window, str(self.claims["sub"]), datetime.now(UTC)
         )
         self.last_sent = view
-        context.board_watcher.watch(self)
+        self.services.board_watcher.watch(self)
         return view
 
     async def terminate(self, reason: str) -> None:
-        context: ChannelContext = self.context
-        context.board_watcher.unwatch(self)
+        self.services.board_watcher.unwatch(self)
 
 
 class BoardWatcher(ChangeListener):
@@ -83,7 +81,7 @@ class BoardWatcher(ChangeListener):
         dirty, self._dirty = self._dirty, set()
         pushed = 0
         for (subject, window), viewers in list(self._viewers.items()):
-            current_period = self.leaderboards.period(window, now)
+            current_period = period(window, now)
             rolled = self._periods.get((subject, window)) not in (None, current_period)
             self._periods[(subject, window)] = current_period
             if subject not in dirty and not rolled:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from realtime import Channel, JoinError, ReplyError
+from realtime import JoinError, ReplyError
 
-from .context import ChannelContext
+from .context import ProductChannel
 from .privacy import ANONYMOUS_NAME, Visibility, pseudonym
 
 SUBJECT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATUSES = frozenset({"online", "in_session", "idle", "away"})
 
 
-class _Tracked(Channel):
+class _Tracked(ProductChannel):
     """Tracks this channel's user in the presence tracker from join to terminate."""
 
     __slots__ = ("_hidden", "_ref", "_status")
@@ -29,11 +29,6 @@ class _Tracked(Channel):
         self._ref: str | None = None
         self._status = "online"
         self._hidden = False
-
-    @property
-    def services(self) -> ChannelContext:
-        context: ChannelContext = self.context
-        return context
 
     def _identity(self) -> tuple[str, dict[str, Any], bool]:
         """(key, meta, listed) for this user on this topic, with the privacy rules applied."""

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from metrics import EventRejected, IngestUnavailable, validate_event
-from realtime import Channel, JoinError, ReplyError
+from realtime import JoinError, ReplyError
 from store import utcnow
 
 from .access import is_admin, is_self_or_admin
-from .context import ChannelContext
+from .context import ProductChannel
 
 
-class UserChannel(Channel):
+class UserChannel(ProductChannel):
     __slots__ = ()
 
     @property
@@ -37,9 +37,8 @@ class UserChannel(Channel):
             )
         except EventRejected as exc:
             raise ReplyError("invalid event", fields=exc.errors) from None
-        context: ChannelContext = self.context
         try:
-            (accepted,) = await context.ingest.ingest(
+            (accepted,) = await self.services.ingest.ingest(
                 [item], actor_id=str(self.claims["sub"]), actor_claims=self.claims
             )
         except IngestUnavailable:

@@ -16,10 +16,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from store import Database, Event, User, utcnow
+from store import Database, Event, User, dialect_insert, utcnow
 
 from .events import EventIn
 from .stream import EventStream, StreamUnavailable
@@ -78,7 +76,7 @@ class EventIngest:
             }
             for e in unique
         ]
-        insert = pg_insert if self.database.dialect == "postgresql" else sqlite_insert
+        insert = dialect_insert(self.database.dialect)
         try:
             async with self.database.session() as session, session.begin():
                 # One cached statement, many parameter sets: SQLAlchemy batches them into multi-row

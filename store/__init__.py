@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy 2 async models, engine setup and Alembic migrations (`store.migrate`)."""
 
-from .database import Database
+from .database import Database, dialect_insert
 from .models import (
     Base,
     Click,
@@ -33,5 +33,6 @@ __all__ = [
     "Reward",
     "ScoreEntry",
     "User",
+    "dialect_insert",
     "utcnow",
 ]

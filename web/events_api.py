@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from channels.access import ROLES, is_admin, is_self_or_admin
-from channels.feed import feed_page
+from channels.access import ROLES, is_admin
+from channels.feed import feed_page, feed_refusal
 from channels.presence import SUBJECT
 from metrics import EventRejected, IngestUnavailable, validate_event
 from store import Consumption, User, utcnow
@@ -60,15 +60,12 @@ async def post_events(request: Request) -> Response:
 
 
 def _feed_name(raw: str, claims: dict[str, Any]) -> str:
-    if raw == "global":
-        return raw
-    if raw.startswith("subject:") and SUBJECT.match(raw.removeprefix("subject:")):
-        return raw
-    if raw.startswith("user:"):
-        if not is_self_or_admin(claims, raw.removeprefix("user:")):
-            raise HTTPException(403, "a user feed is only for that user")
-        return raw
-    raise HTTPException(404, "feeds are global, subject:{subject} or user:{id}")
+    refusal = feed_refusal(raw, claims)
+    if refusal == "unauthorized":
+        raise HTTPException(403, "a user feed is only for that user")
+    if refusal is not None:
+        raise HTTPException(404, "feeds are global, subject:{subject} or user:{id}")
+    return raw
 
 
 async def get_feed(request: Request) -> Response:
