@@ -71,9 +71,10 @@ class BoardWatcher(ChangeListener):
     def note(self, raw: bytes) -> None:
         with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
             self._dirty.add(str(orjson.loads(raw)["subject"]))
+            self.wake()
 
-    async def tick(self) -> None:
-        await self.refresh()  # every tick, not only on notices: a new period is a change too
+    async def tick(self) -> bool:
+        return await self.refresh() > 0  # every tick, not only on notices: a new period is a change too
 
     async def refresh(self) -> int:
         """Push to every viewer whose view changed; returns how many pushes went out."""

@@ -10,7 +10,9 @@ from the attribution cookie `/r/{token}` set or given explicitly — and optiona
   (`ATTRIBUTION_MODEL=first_touch`): the visitor's earliest click on any link in the window wins;
 - one conversion per new user (a second signup changes nothing), never to oneself, and only for
   links whose signature still verifies (a tampered token converts nobody);
-- `first_value` marks the conversion activated (the first one counts).
+- `first_value` marks the conversion activated (the first one counts);
+- an `invite_sent` whose `link_token` is the sender's own valid link records when the link was first
+  sent (`links.sent_at`): cycle time runs from there (from the link's creation when never sent).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class AttributionConsumer:
                     paid.append(
                         await pay(session, conversion.referrer_id, "referral_signup", conversion.user_id, at)
                     )
+            elif event["type"] == "invite_sent":
+                await self._invite_sent(event, session, at)
             elif event["type"] == "first_value":
                 conversion = await session.get(Conversion, event["user_id"])
                 if conversion is not None and conversion.activated_at is None:
@@ -79,6 +83,18 @@ class AttributionConsumer:
                 await self.notify()
 
         return after
+
+    async def _invite_sent(self, event: dict[str, Any], session: AsyncSession, at: datetime) -> None:
+        """An invite naming its link (`link_token`) dates the link's sending: the earliest such event by
+        the link's own referrer, with a signature that verifies, sets `sent_at`. Others change nothing
+        (the invite still counts as sent in the metrics)."""
+        token = event["props"].get("link_token")
+        if not isinstance(token, str):
+            return
+        link = await self._verified_link(token, session, at)
+        if link is not None and link.referrer_id == event["user_id"]:
+            if link.sent_at is None or at < link.sent_at:
+                link.sent_at = at
 
     async def _signup(self, event: dict[str, Any], session: AsyncSession) -> Conversion | None:
         new_user = event["user_id"]

@@ -12,16 +12,22 @@ For a window of `days` ending at `now`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, distinct, func, select
+from sqlalchemy import Select, and_, case, delete, distinct, func, insert, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from store import Click, Conversion, Event, Link
+from store import Click, Conversion, Event, Link, UserActivity
 
 PERIODS = (7, 14, 30, 90)
 COHORT_DAYS = 30
+
+
+def _sent(link: type[Link]) -> Any:
+    """When an invite link went out: its first `invite_sent`, else its creation."""
+    return func.coalesce(link.sent_at, link.created_at)
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -33,19 +39,57 @@ async def _scalar(session: AsyncSession, query: Select[Any]) -> int:
 
 
 async def active_users(session: AsyncSession, start: datetime, end: datetime) -> int:
-    new_users = select(Event.user_id).where(Event.type == "signup", Event.ts >= start, Event.ts < end)
-    return await _scalar(
-        session,
-        select(func.count(distinct(Event.user_id))).where(
-            Event.ts >= start, Event.ts < end, Event.user_id.not_in(new_users)
-        ),
+    """Distinct users with an event in [start, end), less those with a `signup` in it — counted from
+    the `user_activity` rollup (each user's latest event and latest signup), not from the events.
+
+    A user whose latest event falls in [start, end) is active, and signed up in the window iff their
+    latest signup is at or after `start` (it cannot be after their latest event): an index-only range
+    count. Only users with an event at or after `end` (none when `end` is now, bar clock skew) need a
+    look at their events, through the (user_id, ts) index.
+    """
+    u = UserActivity
+
+    def has_event(*where: Any) -> Any:
+        return (
+            select(Event.id)
+            .where(Event.user_id == u.user_id, Event.ts >= start, Event.ts < end, *where)
+            .exists()
+        )
+
+    settled = (
+        select(func.count())
+        .where(u.last_ts >= start, u.last_ts < end)
+        .where(or_(u.last_signup_ts.is_(None), u.last_signup_ts < start))
+        .scalar_subquery()
     )
+    later = (
+        select(func.count())
+        .where(u.last_ts >= end, has_event(), not_(has_event(Event.type == "signup")))
+        .scalar_subquery()
+    )
+    return await _scalar(session, select(settled + later))
+
+
+async def rebuild_activity(session: AsyncSession, user_ids: Sequence[str] | None = None) -> None:
+    """Recompute the `user_activity` rollup from the events (all users, or some after a deletion).
+    The ingest keeps it up to date; this is for imports that bypass it and for repairs."""
+    latest = select(
+        Event.user_id,
+        func.max(Event.ts),
+        func.max(case((Event.type == "signup", Event.ts), else_=None)),
+    ).group_by(Event.user_id)
+    wipe = delete(UserActivity)
+    if user_ids is not None:
+        latest = latest.where(Event.user_id.in_(user_ids))
+        wipe = wipe.where(UserActivity.user_id.in_(user_ids))
+    await session.execute(wipe)
+    await session.execute(insert(UserActivity).from_select(["user_id", "last_ts", "last_signup_ts"], latest))
 
 
 async def _quantile_hours(session: AsyncSession, start: datetime, end: datetime, q: float) -> float | None:
     """The q-quantile of signup - invite (link made) time in hours, interpolated between the two
     nearest ranks like PostgreSQL's percentile_cont; the rows are picked by ORDER BY … OFFSET in SQL."""
-    seconds = _seconds_between(session, Link.created_at, Conversion.signup_at)
+    seconds = _seconds_between(session, _sent(Link), Conversion.signup_at)
     base = (
         select(seconds.label("s"))
         .join(Link, Link.nonce == Conversion.nonce)
@@ -78,8 +122,13 @@ def _day(session: AsyncSession, column: Any) -> Any:
 async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> dict[str, Any]:
     start, end = now - timedelta(days=days), now
     in_window = and_(Event.ts >= start, Event.ts < end)
-    source = Event.props["source"].as_string()
-    invites_sent = await _scalar(session, select(func.count()).where(Event.type == "invite_sent", in_window))
+    # Invites and conversions come grouped by (UTC day, source) in one query each: the totals, the
+    # per-source split and the timeline are sums over those few groups.
+    invites = await _by_day_and_source(session, start, end)
+    conversions = await _conversions_by_day_and_source(session, start, end)
+    invites_sent = sum(n for _, _, n in invites)
+    signups = sum(n for _, _, n, _ in conversions)
+    activated = sum(a for _, _, _, a in conversions)
     referrers = await _scalar(
         session, select(func.count(distinct(Event.user_id))).where(Event.type == "invite_sent", in_window)
     )
@@ -92,32 +141,19 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
             .subquery()
         ),
     )
-    conv_window = and_(Conversion.signup_at >= start, Conversion.signup_at < end)
-    signups = await _scalar(session, select(func.count()).where(conv_window))
-    activated = await _scalar(
-        session, select(func.count()).where(conv_window, Conversion.activated_at.is_not(None))
-    )
     base = await active_users(session, start, end)
     invites_per_user = ratio(invites_sent, base)
     conversion_rate = ratio(signups, invites_sent)
 
-    invites_by_source = dict(
-        (
-            await session.execute(
-                select(source, func.count()).where(Event.type == "invite_sent", in_window).group_by(source)
-            )
-        ).all()
-    )
-    signups_by_source = dict(
-        (
-            await session.execute(
-                select(Conversion.source, func.count()).where(conv_window).group_by(Conversion.source)
-            )
-        ).all()
-    )
+    invites_by_source: dict[str | None, int] = {}
+    for _, name, n in invites:
+        invites_by_source[name] = invites_by_source.get(name, 0) + n
+    signups_by_source: dict[str | None, int] = {}
+    for _, name, n, _ in conversions:
+        signups_by_source[name] = signups_by_source.get(name, 0) + n
     by_source = []
     for name in sorted(set(invites_by_source) | set(signups_by_source), key=lambda s: (s is None, s or "")):
-        sent, won = int(invites_by_source.get(name, 0)), int(signups_by_source.get(name, 0))
+        sent, won = invites_by_source.get(name, 0), signups_by_source.get(name, 0)
         by_source.append(
             {
                 "source": name or "unknown",
@@ -127,7 +163,7 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
                 "conversion_rate": ratio(won, sent),
             }
         )
-
+    median, p90 = await _cycle_hours(session, start, end)
     return {
         "days": days,
         "k_factor": invites_per_user * conversion_rate,
@@ -143,13 +179,59 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
         "by_source": by_source,
         "funnel": _funnel(invites_sent, clicks, signups, activated),
         "cohorts": await _cohorts(session, start, end),
-        "timeline": await _timeline(session, start, end),
+        "timeline": await _timeline(session, start, end, invites, conversions),
         "top_referrers": await _top_referrers(session, start, end, in_window),
-        "cycle_time": {
-            "median_hours": await _quantile_hours(session, start, end, 0.5),
-            "p90_hours": await _quantile_hours(session, start, end, 0.9),
-        },
+        "cycle_time": {"median_hours": median, "p90_hours": p90},
     }
+
+
+async def _by_day_and_source(
+    session: AsyncSession, start: datetime, end: datetime
+) -> list[tuple[str, str | None, int]]:
+    day, source = _day(session, Event.ts), Event.props["source"].as_string()
+    rows = await session.execute(
+        select(day, source, func.count())
+        .where(Event.type == "invite_sent", Event.ts >= start, Event.ts < end)
+        .group_by(day, source)
+    )
+    return [(d, s, int(n)) for d, s, n in rows.all()]
+
+
+async def _conversions_by_day_and_source(
+    session: AsyncSession, start: datetime, end: datetime
+) -> list[tuple[str, str, int, int]]:
+    day = _day(session, Conversion.signup_at)
+    rows = await session.execute(
+        select(day, Conversion.source, func.count(), func.count(Conversion.activated_at))
+        .where(Conversion.signup_at >= start, Conversion.signup_at < end)
+        .group_by(day, Conversion.source)
+    )
+    return [(d, s, int(n), int(a)) for d, s, n, a in rows.all()]
+
+
+async def _cycle_hours(
+    session: AsyncSession, start: datetime, end: datetime
+) -> tuple[float | None, float | None]:
+    """Median and p90 of signup - invite (link made) time in hours, interpolated between the two
+    nearest ranks (PostgreSQL's percentile_cont; on SQLite the same by ORDER BY … OFFSET)."""
+    if session.bind.dialect.name == "postgresql":
+        seconds = func.extract("epoch", Conversion.signup_at - _sent(Link))
+        row = (
+            await session.execute(
+                select(
+                    func.percentile_cont(0.5).within_group(seconds),
+                    func.percentile_cont(0.9).within_group(seconds),
+                )
+                .select_from(Conversion)
+                .join(Link, Link.nonce == Conversion.nonce)
+                .where(Conversion.signup_at >= start, Conversion.signup_at < end)
+            )
+        ).one()
+        return tuple(None if v is None else round(float(v) / 3600, 2) for v in row)  # type: ignore[return-value]
+    return (
+        await _quantile_hours(session, start, end, 0.5),
+        await _quantile_hours(session, start, end, 0.9),
+    )
 
 
 def _funnel(sent: int, clicked: int, signed_up: int, activated: int) -> list[dict[str, Any]]:
@@ -164,17 +246,13 @@ def _funnel(sent: int, clicked: int, signed_up: int, activated: int) -> list[dic
     ]
 
 
-async def _timeline(session: AsyncSession, start: datetime, end: datetime) -> list[dict[str, Any]]:
-    event_day = _day(session, Event.ts)
-    invites = dict(
-        (
-            await session.execute(
-                select(event_day, func.count())
-                .where(Event.type == "invite_sent", Event.ts >= start, Event.ts < end)
-                .group_by(event_day)
-            )
-        ).all()
-    )
+async def _timeline(
+    session: AsyncSession,
+    start: datetime,
+    end: datetime,
+    invites: list[tuple[str, str | None, int]],
+    conversions: list[tuple[str, str, int, int]],
+) -> list[dict[str, Any]]:
     click_day = _day(session, Click.clicked_at)
     clicks = dict(
         (
@@ -185,16 +263,12 @@ async def _timeline(session: AsyncSession, start: datetime, end: datetime) -> li
             )
         ).all()
     )
-    signup_day = _day(session, Conversion.signup_at)
-    signups = dict(
-        (
-            await session.execute(
-                select(signup_day, func.count())
-                .where(Conversion.signup_at >= start, Conversion.signup_at < end)
-                .group_by(signup_day)
-            )
-        ).all()
-    )
+    sent: dict[str, int] = {}
+    for day_key, _, n in invites:
+        sent[day_key] = sent.get(day_key, 0) + n
+    signed: dict[str, int] = {}
+    for day_key, _, n, _ in conversions:
+        signed[day_key] = signed.get(day_key, 0) + n
     days = []
     day = start.date()
     while day <= (end - timedelta(microseconds=1)).date():
@@ -202,9 +276,9 @@ async def _timeline(session: AsyncSession, start: datetime, end: datetime) -> li
         days.append(
             {
                 "date": key,
-                "invites_sent": int(invites.get(key, 0)),
+                "invites_sent": sent.get(key, 0),
                 "clicks": int(clicks.get(key, 0)),
-                "signups": int(signups.get(key, 0)),
+                "signups": signed.get(key, 0),
             }
         )
         day += timedelta(days=1)
@@ -320,7 +394,7 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
             )
         ).all()
     }
-    hours = _seconds_between(session, Link.created_at, Conversion.signup_at) / 3600.0
+    hours = _seconds_between(session, _sent(Link), Conversion.signup_at) / 3600.0
     won = {
         s: (int(n), float(h) if h is not None else None)
         for s, n, h in (
@@ -352,4 +426,12 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
     return loops
 
 
-__all__ = ["PERIODS", "active_users", "band", "k_factor_report", "loop_efficiency", "ratio"]
+__all__ = [
+    "PERIODS",
+    "active_users",
+    "band",
+    "k_factor_report",
+    "loop_efficiency",
+    "ratio",
+    "rebuild_activity",
+]

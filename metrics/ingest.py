@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
-from store import Database, Event, User, dialect_insert, utcnow
+from store import Database, Event, User, UserActivity, dialect_insert, utcnow
 
 from .events import EventIn
 from .stream import EventStream, StreamUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def _later(current: Any, new: Any) -> Any:
+    """The later of two nullable timestamps, the same on PostgreSQL and SQLite."""
+    return case((new.is_(None), current), (current.is_(None), new), (new > current, new), else_=current)
 
 
 class IngestUnavailable(Exception):
@@ -83,6 +88,8 @@ class EventIngest:
                 # INSERTs ("insertmanyvalues") and still tells us which rows were new.
                 stmt = insert(Event).on_conflict_do_nothing(index_elements=["id"]).returning(Event.id)
                 created: set[str] = set((await session.execute(stmt, rows)).scalars()) if rows else set()
+                if created:
+                    await self._touch_activity(session, insert, [r for r in rows if r["id"] in created])
                 if actor_claims is not None and actor_claims.get("role") != "admin":
                     await self._refresh_profile(session, insert, actor_claims)
                 opted_out = {e.user_id for e in unique if e.id in created and e.type == "opt_out"}
@@ -101,6 +108,32 @@ class EventIngest:
         if created:
             await self.publish([Event(**row) for row in rows if row["id"] in created])
         return [Accepted(e.id, e.id not in created) for e in events]
+
+    @staticmethod
+    async def _touch_activity(session: Any, insert: Any, rows: list[dict[str, Any]]) -> None:
+        """Move each user's latest-event and latest-signup times forward (never back), in user order
+        so concurrent batches lock the rows in the same order."""
+        latest: dict[str, list[Any]] = {}
+        for row in rows:
+            seen = latest.setdefault(row["user_id"], [row["ts"], None])
+            seen[0] = max(seen[0], row["ts"])
+            if row["type"] == "signup":
+                seen[1] = row["ts"] if seen[1] is None else max(seen[1], row["ts"])
+        values = [
+            {"user_id": user, "last_ts": last, "last_signup_ts": signup}
+            for user, (last, signup) in sorted(latest.items())
+        ]
+        stmt = insert(UserActivity)
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["user_id"],
+                set_={
+                    "last_ts": _later(UserActivity.last_ts, stmt.excluded.last_ts),
+                    "last_signup_ts": _later(UserActivity.last_signup_ts, stmt.excluded.last_signup_ts),
+                },
+            ),
+            values,
+        )
 
     @staticmethod
     async def _refresh_profile(session: Any, insert: Any, claims: dict[str, Any]) -> None:

@@ -33,10 +33,14 @@ class Viewer(Protocol):
 
 
 class ChangeListener(ABC):
-    """Hears change notices on a broker topic and calls `tick()` once every `interval` seconds.
+    """Hears change notices on a broker topic and calls `tick()` at most once every `interval` seconds.
 
-    The shape every live view shares: notices mark what moved (`note`), the tick turns them into at
-    most one push per viewer per interval. Subclasses implement `note` and `tick`.
+    The shape every live view shares: notices mark what moved (`note`, which calls `wake()`), the
+    tick turns them into at most one push per viewer per interval. The first notice after a quiet
+    spell is acted on at once (leading edge); notices during the next `interval` wait for its end
+    (trailing edge), so a burst costs two ticks, not one per notice. Without notices the tick still
+    runs every `interval` (a leaderboard period rolls over with no event). Subclasses implement
+    `note` and `tick`.
     """
 
     def __init__(self, hub: Hub, topic: str, interval: float, name: str) -> None:
@@ -45,14 +49,19 @@ class ChangeListener(ABC):
         self.interval = interval
         self._name = name
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something moved: tick as soon as the interval allows."""
+        self._wake.set()
 
     @abstractmethod
     def note(self, raw: bytes) -> None:
         """A change notice arrived (called synchronously by the hub)."""
 
     @abstractmethod
-    async def tick(self) -> None:
-        """Once per interval: push what changed."""
+    async def tick(self) -> bool:
+        """Push what changed; True if anything was pushed (only pushes count for the spacing)."""
 
     async def start(self) -> None:
         await self.hub.listen(self.topic, self.note)
@@ -66,10 +75,19 @@ class ChangeListener(ABC):
                 await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_push = float("-inf")
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            # Spacing is measured from the end of the last tick that pushed: pushes stay >= interval apart.
+            wait = last_push + self.interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._wake.clear()
             try:
-                await self.tick()
+                if await self.tick():
+                    last_push = loop.time()
             except Exception:
                 log.exception("%s failed", self._name)
 
@@ -100,11 +118,13 @@ class KFactorDashboard(ChangeListener):
 
     def note(self, raw: bytes) -> None:
         self._dirty = True
+        self.wake()
 
-    async def tick(self) -> None:
+    async def tick(self) -> bool:
         if self._dirty and self._viewers:
             self._dirty = False
-            await self.refresh()
+            return await self.refresh() > 0
+        return False
 
     async def refresh(self) -> int:
         """One report per distinct window in use; a push to each viewer whose numbers changed."""

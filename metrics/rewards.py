@@ -28,7 +28,7 @@ class Paid:
     kind: str
     amount: int
     reason: str
-    conversion_user_id: str
+    ref: str
 
     def push_payload(self) -> dict[str, Any]:
         return {
@@ -40,7 +40,7 @@ class Paid:
 
 
 async def pay(
-    session: AsyncSession, user_id: str, reason: str, conversion_user_id: str, at: datetime
+    session: AsyncSession, user_id: str, reason: str, ref: str, at: datetime
 ) -> Paid | None:
     """Record one reward in `session` unless already paid or over today's cap; returns what was paid."""
     kind, amount = PAYOUTS[reason]
@@ -49,7 +49,7 @@ async def pay(
             Reward.user_id == user_id,
             Reward.kind == kind,
             Reward.reason == reason,
-            Reward.conversion_user_id == conversion_user_id,
+            Reward.ref == ref,
         )
     )
     if already is not None:
@@ -72,9 +72,9 @@ async def pay(
             kind=kind,
             amount=amount,
             reason=reason,
-            conversion_user_id=conversion_user_id,
+            ref=ref,
             created_at=at,
         )
     )
     await session.flush()
-    return Paid(user_id, kind, amount, reason, conversion_user_id)
+    return Paid(user_id, kind, amount, reason, ref)

@@ -2,8 +2,10 @@
 
 from .database import Database, dialect_insert
 from .models import (
+    AiCost,
     Base,
     Click,
+    Consent,
     Consumption,
     Conversion,
     Event,
@@ -11,16 +13,24 @@ from .models import (
     FeedItem,
     Link,
     LinkRejection,
+    LoopItem,
+    LoopJob,
+    LoopMember,
+    PromptDecision,
     Reaction,
     Reward,
     ScoreEntry,
+    Streak,
     User,
+    UserActivity,
 )
 from .types import utcnow
 
 __all__ = [
+    "AiCost",
     "Base",
     "Click",
+    "Consent",
     "Consumption",
     "Conversion",
     "Database",
@@ -29,10 +39,16 @@ __all__ = [
     "FeedItem",
     "Link",
     "LinkRejection",
+    "LoopItem",
+    "LoopJob",
+    "LoopMember",
+    "PromptDecision",
     "Reaction",
     "Reward",
     "ScoreEntry",
+    "Streak",
     "User",
+    "UserActivity",
     "dialect_insert",
     "utcnow",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .types import JSONType, UTCDateTime, utcnow
@@ -48,9 +48,25 @@ class Event(Base):
 
     __table_args__ = (
         Index("ix_events_user_ts", "user_id", "ts"),
-        Index("ix_events_type_ts", "type", "ts"),
+        Index("ix_events_type_ts", "type", "ts", "user_id"),  # user_id: index-only counts of referrers
         Index("ix_events_unpublished", "published", "received_at"),
     )
+
+
+class UserActivity(Base):
+    """Per user, the time of their latest event and latest `signup`, kept by the ingest transaction.
+
+    The growth report's base (active users in a window ending now) is a range count over `last_ts`
+    instead of a DISTINCT over every event in the window; see metrics.growth.active_users.
+    """
+
+    __tablename__ = "user_activity"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_signup_ts: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_user_activity_last", "last_ts", "last_signup_ts"),)
 
 
 class Consumption(Base):
@@ -137,6 +153,9 @@ class Link(Base):
     campaign: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When its referrer first sent it (an `invite_sent` event naming it in `link_token`); cycle time
+    # runs from here, or from `created_at` for a link never announced by an event.
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_links_referrer", "referrer_id", "created_at"),)
 
@@ -156,7 +175,8 @@ class Click(Base):
 
     __table_args__ = (
         Index("ix_clicks_link_visitor", "nonce", "visitor", "clicked_at"),
-        Index("ix_clicks_time", "clicked_at"),
+        # Covering: the growth report counts clicks in a window from the index alone.
+        Index("ix_clicks_time", "clicked_at", "nonce", "visitor", "unique_click"),
     )
 
 
@@ -195,8 +215,8 @@ class Conversion(Base):
 
 
 class Reward(Base):
-    """The rewards ledger: who got what, why, for which conversion. One row per (user, kind, reason,
-    conversion): processing the same conversion again cannot pay twice."""
+    """The rewards ledger: who got what, why, for what. One row per (user, kind, reason, ref):
+    processing the same conversion or loop outcome again cannot pay twice."""
 
     __tablename__ = "rewards"
 
@@ -204,13 +224,147 @@ class Reward(Base):
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     user_id: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # "xp" | "streak_shield"
+    kind: Mapped[str] = mapped_column(String(16))  # "xp" | "streak_shield" | "free_session"
     amount: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str] = mapped_column(String(32))  # "referral_signup" | "referral_activated"
-    conversion_user_id: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32))  # metrics.rewards.PAYOUTS
+    # What it is for: the converted user's id for referral rewards, the loop item's id for loop rewards.
+    ref: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
-        UniqueConstraint("user_id", "kind", "reason", "conversion_user_id", name="uq_rewards_once"),
+        UniqueConstraint("user_id", "kind", "reason", "ref", name="uq_rewards_once"),
         Index("ix_rewards_user_time", "user_id", "created_at"),
     )
+
+
+class LoopJob(Base):
+    """Timed work of the loops (expiries, deadlines, weekly cards): the durable scheduler's queue.
+
+    `key` makes scheduling idempotent (the same key twice is one job). A worker runs a due job while it
+    holds the lease (`lease_owner` until `lease_until`); the job's effects and `status = done` commit
+    together, and only while the lease is still that worker's — so no job's effects land twice.
+    """
+
+    __tablename__ = "loop_jobs"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(160), unique=True)
+    run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    status: Mapped[str] = mapped_column(String(12), default="pending")  # pending | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_loop_jobs_due", "status", "run_at"),)
+
+
+class LoopItem(Base):
+    """One run of a loop: a nudge, a challenge, a rally, a parent share, a rescue. `state` follows the
+    loop's own state machine (loops/); `data` holds what only that loop needs."""
+
+    __tablename__ = "loop_items"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    loop: Mapped[str] = mapped_column(String(24))
+    owner_id: Mapped[str] = mapped_column(String(64))
+    other_id: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_loop_items_owner", "owner_id", "loop", "created_at"),
+        Index("ix_loop_items_other", "other_id", "loop", "created_at"),
+    )
+
+
+class LoopMember(Base):
+    """A participant of a loop item (rally peers, challenge players) with their result."""
+
+    __tablename__ = "loop_members"
+
+    item_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # owner | invited | joined
+    score: Mapped[float | None] = mapped_column(Float)
+    joined_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_loop_members_user", "user_id"),)
+
+
+class Streak(Base):
+    """A student's daily streak: alive while they are active at least once every 24 h."""
+
+    __tablename__ = "streaks"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    days: Mapped[int] = mapped_column(Integer, default=0)
+    last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    best: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_streaks_deadline", "deadline_at"),)
+
+
+class PromptDecision(Base):
+    """Every decision of the orchestrator and the compliance gate: a prompt shown, or suppressed and why."""
+
+    __tablename__ = "prompt_decisions"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    user_id: Mapped[str] = mapped_column(String(64))  # the recipient
+    sender_id: Mapped[str | None] = mapped_column(String(64))
+    loop: Mapped[str] = mapped_column(String(24))
+    action: Mapped[str] = mapped_column(String(40))
+    shown: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_prompt_decisions_user", "user_id", "shown", "created_at"),
+        Index("ix_prompt_decisions_loop", "loop", "created_at"),
+    )
+
+
+class Consent(Base):
+    """Verifiable parental consent for a minor's social features outside the platform."""
+
+    __tablename__ = "consents"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_id: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    granted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AiCost(Base):
+    """The personalisation providers' cost ledger: tokens and money per call, summed per UTC day."""
+
+    __tablename__ = "ai_costs"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, UTC
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost_usd: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_ai_costs_day", "day"),)

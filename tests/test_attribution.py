@@ -151,7 +151,7 @@ async def test_first_value_activates_once(db):
 async def rewards(db: Database) -> list[tuple[str, str, int, str, str]]:
     async with db.session() as session:
         rows = (await session.execute(select(Reward).order_by(Reward.id))).scalars().all()
-    return [(r.user_id, r.kind, r.amount, r.reason, r.conversion_user_id) for r in rows]
+    return [(r.user_id, r.kind, r.amount, r.reason, r.ref) for r in rows]
 
 
 async def test_conversions_and_activations_pay_the_referrer_once(db):
@@ -181,3 +181,33 @@ async def test_daily_caps_hold(db):
     next_day = [event("s9", "signup", "n9", NOW + timedelta(days=1), referral_token=token)]
     await run(db, next_day)
     assert (await rewards(db))[-1] == ("maya", "xp", 100, "referral_signup", "n9")
+
+
+async def test_an_invite_naming_its_link_dates_the_sending_and_cycle_time_runs_from_there(db):
+    """Link made 3 days before NOW, sent 2 days before (and again later: the first sending counts);
+    someone else's invite naming it, and a tampered token, change nothing. Signup at NOW: cycle 48 h."""
+    from metrics.growth import k_factor_report
+
+    token = await make_link(db, "maya")
+    nonce = token.split(".")[0]
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    await run(
+        db,
+        [
+            event(
+                "i0", "invite_sent", "maya", NOW - timedelta(days=1), source="study_buddy", link_token=token
+            ),
+            event(
+                "i1", "invite_sent", "maya", NOW - timedelta(days=2), source="study_buddy", link_token=token
+            ),
+            event("i2", "invite_sent", "eve", NOW - timedelta(days=2.5), source="direct", link_token=token),
+            event(
+                "i3", "invite_sent", "maya", NOW - timedelta(days=2.9), source="direct", link_token=tampered
+            ),
+            event("s", "signup", "newbie", NOW, referral_token=token),
+        ],
+    )
+    async with db.session() as session:
+        assert (await session.get(Link, nonce)).sent_at == NOW - timedelta(days=2)
+        report = await k_factor_report(session, 7, NOW + timedelta(seconds=1))
+    assert report["cycle_time"] == {"median_hours": 48.0, "p90_hours": 48.0}

@@ -17,8 +17,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
-from metrics.growth import band, k_factor_report, loop_efficiency
+from metrics.growth import active_users, band, k_factor_report, loop_efficiency, rebuild_activity
 from store import Click, Conversion, Database, Event, Link
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -96,6 +97,8 @@ async def history(db):
                 Click(nonce="LO", visitor="v3", unique_click=True, clicked_at=NOW - 11 * DAY),
             ]
         )
+        await session.flush()
+        await rebuild_activity(session)  # rows added here bypass the ingest that keeps it
 
 
 async def report(db: Database, days: int = 7) -> dict:
@@ -169,6 +172,8 @@ async def test_the_window_is_half_open_from_its_start_to_now(db):
                 ev("now", "invite_sent", "ann", NOW, source="direct"),
             ]
         )
+        await session.flush()
+        await rebuild_activity(session)
     assert (await report(db))["invites_sent"] == 1  # [now - 7 days, now)
 
 
@@ -188,3 +193,73 @@ async def test_loop_efficiency_per_source(db, history):
     assert study["conversions_per_referrer"] == pytest.approx(1.0)  # 2 signups, referrers ann and dan
     assert study["mean_cycle_hours"] == pytest.approx(15.0)  # (24 + 6) / 2
     assert rally["k_factor"] == pytest.approx(1 / 3) and rally["mean_cycle_hours"] == pytest.approx(36.0)
+
+
+async def raw_active_users(db: Database, start: datetime, end: datetime) -> int:
+    """SPEC §9's base straight from the events: the definition the rollup must agree with."""
+    from sqlalchemy import distinct, func, select
+
+    new_users = select(Event.user_id).where(Event.type == "signup", Event.ts >= start, Event.ts < end)
+    async with db.session() as session:
+        return int(
+            await session.scalar(
+                select(func.count(distinct(Event.user_id))).where(
+                    Event.ts >= start, Event.ts < end, Event.user_id.not_in(new_users)
+                )
+            )
+        )
+
+
+async def test_active_users_from_the_rollup_match_the_events_for_any_window(db):
+    """Users whose latest event or signup lies after the window's end are checked against their events:
+    eve was active inside the window and again after it; fay only after it; gus signed up inside and
+    again after (a re-sent signup): excluded; hal signed up before, was active inside, signed up after."""
+    async with db.session() as session, session.begin():
+        session.add_all(
+            [
+                ev("e1", "session_started", "eve", NOW - 3 * DAY),
+                ev("e2", "session_started", "eve", NOW + DAY),
+                ev("f1", "session_started", "fay", NOW + DAY),
+                ev("g1", "signup", "gus", NOW - 2 * DAY),
+                ev("g2", "signup", "gus", NOW + DAY),
+                ev("h0", "signup", "hal", NOW - 20 * DAY),
+                ev("h1", "session_started", "hal", NOW - DAY),
+                ev("h2", "signup", "hal", NOW + 2 * DAY),
+                ev("i1", "session_started", "ivy", NOW - 8 * DAY),
+            ]
+        )
+        await session.flush()
+        await rebuild_activity(session)
+    for start, end in [(NOW - 7 * DAY, NOW), (NOW - 30 * DAY, NOW), (NOW - 7 * DAY, NOW + 3 * DAY)]:
+        async with db.session() as session:
+            assert await active_users(session, start, end) == await raw_active_users(db, start, end)
+    async with db.session() as session:
+        assert await active_users(session, NOW - 7 * DAY, NOW) == 2  # eve, hal
+
+
+async def test_the_ingest_keeps_the_activity_rollup(db):
+    from metrics import EventIn, EventIngest, MemoryEventStream
+    from store import UserActivity
+
+    ingest = EventIngest(db, MemoryEventStream())
+    await ingest.ingest(
+        [
+            EventIn("x1", "session_started", "kim", NOW - DAY, {}),
+            EventIn("x2", "signup", "lou", NOW - 2 * DAY, {}),
+            EventIn("x3", "session_started", "lou", NOW - 3 * DAY, {}),
+        ],
+        actor_id="admin",
+    )
+    # An older event never moves the times back; a duplicate changes nothing.
+    await ingest.ingest(
+        [EventIn("x4", "session_started", "kim", NOW - 5 * DAY, {}), EventIn("x2", "signup", "lou", NOW, {})],
+        actor_id="admin",
+    )
+    async with db.session() as session:
+        rows = {
+            r.user_id: (r.last_ts, r.last_signup_ts) for r in (await session.scalars(select(UserActivity)))
+        }
+        assert rows == {"kim": (NOW - DAY, None), "lou": (NOW - 2 * DAY, NOW - 2 * DAY)}
+        assert await active_users(session, NOW - 7 * DAY, NOW) == await raw_active_users(
+            db, NOW - 7 * DAY, NOW
+        )
