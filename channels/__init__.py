@@ -9,6 +9,7 @@ from .feed_channel import FeedChannel
 from .leaderboard import LeaderboardConsumer, Leaderboards, boards_from_url
 from .leaderboard_channel import BoardWatcher, LeaderboardChannel
 from .presence import GlobalPresenceChannel, SubjectPresenceChannel
+from .rooms import LoopRoomChannel
 from .user import UserChannel
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LeaderboardChannel",
     "LeaderboardConsumer",
     "Leaderboards",
+    "LoopRoomChannel",
     "SubjectPresenceChannel",
     "UserChannel",
     "boards_from_url",
@@ -36,5 +38,7 @@ def build_router() -> Router:
     router.channel("presence:global", GlobalPresenceChannel)
     router.channel("feed:*", FeedChannel)
     router.channel("leaderboard:*", LeaderboardChannel)
+    router.channel("challenge:*", LoopRoomChannel)
+    router.channel("rally:*", LoopRoomChannel)
     router.channel("dashboard:k_factor", KFactorChannel)
     return router

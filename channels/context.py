@@ -12,6 +12,8 @@ from realtime import Channel
 from store import Database
 
 if TYPE_CHECKING:
+    from loops import LoopEngine
+
     from .leaderboard import Leaderboards
     from .leaderboard_channel import BoardWatcher
 
@@ -24,6 +26,7 @@ class ChannelContext:
     leaderboards: Leaderboards
     board_watcher: BoardWatcher
     k_factor: KFactorDashboard
+    loops: LoopEngine
     # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
     pseudonym_key: bytes
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loops import ActionError
 from metrics import EventRejected, IngestUnavailable, validate_event
 from realtime import JoinError, ReplyError
 from store import utcnow
@@ -29,6 +30,8 @@ class UserChannel(ProductChannel):
 
     async def handle_in(self, event: str, payload: Any, ref: str | None) -> Any:
         if event != "track":
+            if event in self.services.loops.action_names:
+                return await self._act(event, payload)
             return await super().handle_in(event, payload, ref)
         # The same path as POST /api/events (SPEC §8): one event per message.
         try:
@@ -44,3 +47,10 @@ class UserChannel(ProductChannel):
         except IngestUnavailable:
             raise ReplyError("event store unavailable; retry", retry_after_ms=2000) from None
         return {"id": accepted.id, "duplicate": accepted.duplicate}
+
+    async def _act(self, action: str, payload: Any) -> Any:
+        """A loop action (README "Viral loops"), as the socket's user."""
+        try:
+            return await self.services.loops.act(self.claims, action, payload)
+        except ActionError as exc:
+            raise ReplyError(str(exc), code=exc.code) from None

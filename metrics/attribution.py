@@ -18,7 +18,7 @@ from the attribution cookie `/r/{token}` set or given explicitly — and optiona
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -26,10 +26,41 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from store import Click, Conversion, Link
 
-from .links import LinkError, LinkSigner
+from .links import DEFAULT_TTL, LinkError, LinkSigner
 from .rewards import Paid, pay
 
 WINDOW = timedelta(days=7)
+
+
+async def create_link(
+    session: AsyncSession,
+    signer: LinkSigner,
+    *,
+    referrer: str,
+    source: str,
+    target: str,
+    now: datetime,
+    ttl: int = DEFAULT_TTL,
+    campaign: str | None = None,
+) -> Link:
+    """Sign and record an invite link (`POST /api/links` and the loops both make links here).
+    `source` and `target` must already be checked (SOURCES, check_target)."""
+    link = signer.issue(referrer, int(now.timestamp()), ttl)
+    row = Link(
+        nonce=link.nonce,
+        token=link.token,
+        referrer_id=referrer,
+        source=source,
+        target=target,
+        campaign=campaign,
+        created_at=now,
+        expires_at=datetime.fromtimestamp(link.expires, UTC),
+    )
+    session.add(row)
+    await session.flush()
+    return row
+
+
 MODELS = ("last_touch", "first_touch")
 
 
@@ -62,6 +93,9 @@ class AttributionConsumer:
                     paid.append(
                         await pay(session, conversion.referrer_id, "referral_signup", conversion.user_id, at)
                     )
+                    if conversion.source == "proud_parent":  # both families get a free session
+                        for family in (conversion.referrer_id, conversion.user_id):
+                            paid.append(await pay(session, family, "parent_referral", conversion.user_id, at))
             elif event["type"] == "invite_sent":
                 await self._invite_sent(event, session, at)
             elif event["type"] == "first_value":

@@ -18,6 +18,8 @@ EVENT_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     "session_completed": {"subject": (str,), "minutes": (int, float)},
     "practice_completed": {"subject": (str,)},
     "quiz_result": {"subject": (str,), "score": (int, float)},
+    "diagnostic_completed": {"subject": (str,), "score": (int, float)},
+    "exam_scheduled": {"subject": (str,), "exam_at": (str,)},
     "streak_updated": {"days": (int,)},
     "invite_sent": {"source": (str,)},
     "link_clicked": {},

@@ -16,6 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
+from loops import Clock, SystemClock
 from metrics import EventIngest, stream_from_url
 from metrics.links import LinkSigner
 from metrics.live import KFactorDashboard
@@ -23,11 +24,11 @@ from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api, links_api, metrics_api
+from . import events_api, links_api, loops_api, metrics_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
-from .pipeline import build_runner
+from .pipeline import build_loops, build_runner, build_scheduler
 from .prometheus import build_registry
 from .responses import ORJSONResponse, read_json
 
@@ -97,8 +98,11 @@ async def socket_over_http(request: Request) -> Response:
     )
 
 
-def create_app(settings: Settings | None = None, *, router: Router | None = None) -> Starlette:
-    """Build the app. `router` replaces the product's channels (the benchmarks use this)."""
+def create_app(
+    settings: Settings | None = None, *, router: Router | None = None, clock: Clock | None = None
+) -> Starlette:
+    """Build the app. `router` replaces the product's channels (the benchmarks use this); `clock`
+    replaces the loops' and the scheduler's time (the loop scenario tests move it by hand)."""
     settings = settings or Settings.from_env()
     install_token_redaction()
     settings.warn_if_unsafe()
@@ -118,11 +122,15 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     k_factor = KFactorDashboard(endpoint.hub, database)
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
+    clock = clock or SystemClock()
+    engine = build_loops(settings, database, endpoint.hub, ingest, clock)
+    embedded = settings.broker_url.startswith("memory://")
     runner = (
-        build_runner(settings, database, stream, ingest, endpoint.hub, leaderboards)
-        if settings.broker_url.startswith("memory://")
+        build_runner(settings, database, stream, ingest, endpoint.hub, leaderboards, engine)
+        if embedded
         else None
     )
+    scheduler = build_scheduler(settings, database, engine) if embedded else None
     tracker = PresenceTracker(endpoint.hub, settings.presence)
     endpoint.context = ChannelContext(
         presence=tracker,
@@ -131,6 +139,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         leaderboards=leaderboards,
         board_watcher=board_watcher,
         k_factor=k_factor,
+        loops=engine,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
 
@@ -149,12 +158,19 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         await k_factor.start()
         if runner is not None:
             await runner.start()
+        if scheduler is not None:
+            await engine.start()
+            await scheduler.start()
         log.info("viral-engine ready: broker=%s node=%s", settings.broker_url, tracker.node)
         try:
             yield
         finally:
+            if scheduler is not None:
+                await scheduler.stop()
+                await engine.stop()
             if runner is not None:
                 await runner.stop()
+            await engine.services.copy.close()
             await k_factor.stop()
             await board_watcher.stop()
             await tracker.stop()
@@ -174,6 +190,7 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
         *events_api.routes,
         *links_api.routes,
         *metrics_api.routes,
+        *loops_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
@@ -185,5 +202,8 @@ def create_app(settings: Settings | None = None, *, router: Router | None = None
     app.state.k_factor = k_factor
     app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
     app.state.runner = runner
+    app.state.loops = engine
+    app.state.clock = clock  # links and loops share it
+    app.state.scheduler = scheduler
     app.state.registry = build_registry(endpoint)
     return app

@@ -86,7 +86,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from realtime import Hub, RealtimeStats, broker_from_url
     from store import Database
 
-    from .pipeline import build_runner
+    from .pipeline import build_loops, build_runner, build_scheduler
 
     if settings.broker_url.startswith("memory://"):
         print(
@@ -101,15 +101,23 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
         await hub.start()
         leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
-        runner = build_runner(settings, database, stream, EventIngest(database, stream), hub, leaderboards)
+        ingest = EventIngest(database, stream)
+        engine = build_loops(settings, database, hub, ingest)
+        runner = build_runner(settings, database, stream, ingest, hub, leaderboards, engine)
+        scheduler = build_scheduler(settings, database, engine)
         await runner.start()
+        await engine.start()
+        await scheduler.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         logging.getLogger("viral.worker").info("worker up: consumers %s", [c.name for c in runner.consumers])
         await stop.wait()
+        await scheduler.stop()
+        await engine.stop()
         await runner.stop()
+        await engine.services.copy.close()
         await hub.stop()
         await stream.close()
         await leaderboards.store.close()

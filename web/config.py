@@ -78,6 +78,21 @@ def _dev_secret() -> str:
     return key
 
 
+def _check_loops(providers: str, loops_config: str) -> None:
+    """Refuse a bad AI_PROVIDERS or LOOPS_CONFIG at start-up, not at the first prompt."""
+    from loops import LoopConfig
+    from loops.copy import parse_providers
+
+    try:
+        parse_providers(providers)
+    except ValueError as exc:
+        raise ConfigError(f"AI_PROVIDERS: {exc}") from None
+    try:
+        LoopConfig.from_json(loops_config)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"LOOPS_CONFIG: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     env: str = "development"
@@ -86,7 +101,10 @@ class Settings:
     secret_key: str = ""
     secret_key_generated: bool = False
     old_secret_keys: tuple[str, ...] = ()
-    ai_providers: tuple[str, ...] = ()
+    ai_providers: str = ""  # JSON list of OpenAI-compatible providers (loops.copy.parse_providers)
+    ai_daily_budget_usd: float = 5.0
+    loops_config: str = ""  # JSON object overriding loops.LoopConfig
+    scheduler_poll: float = 1.0
     limits: SocketLimits = field(default_factory=SocketLimits)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     max_body_bytes: int = 1 << 20
@@ -129,7 +147,9 @@ class Settings:
         if presence.node_timeout <= 2 * presence.heartbeat_interval:
             raise ConfigError("PRESENCE_NODE_TIMEOUT must be more than twice PRESENCE_HEARTBEAT_INTERVAL")
         old = tuple(k for k in env.get("SECRET_KEY_OLD", "").split(",") if k)
-        providers = tuple(p.strip() for p in env.get("AI_PROVIDERS", "").split(",") if p.strip())
+        providers = env.get("AI_PROVIDERS", "").strip()
+        loops_config = env.get("LOOPS_CONFIG", "").strip()
+        _check_loops(providers, loops_config)
         return cls(
             env=mode,
             database_url=env.get("DATABASE_URL", "sqlite+aiosqlite:///./viral.db"),
@@ -138,6 +158,9 @@ class Settings:
             secret_key_generated=generated,
             old_secret_keys=old,
             ai_providers=providers,
+            ai_daily_budget_usd=_float(env, "AI_DAILY_BUDGET_USD", 5.0),
+            loops_config=loops_config,
+            scheduler_poll=_float(env, "SCHEDULER_POLL", 1.0),
             limits=limits,
             presence=presence,
             events_maintenance_every=_float(env, "EVENTS_MAINTENANCE_EVERY", 10.0),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import html
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import select
 from starlette.exceptions import HTTPException
@@ -13,8 +12,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from metrics import attribution
 from metrics.links import DEFAULT_TTL, MAX_TTL, SOURCES, LinkError, LinkSigner, check_target
-from store import Click, Link, LinkRejection, utcnow
+from store import Click, Link, LinkRejection
 
 from .auth import claims_from_request
 from .responses import ORJSONResponse, read_json
@@ -47,21 +47,18 @@ async def create_link(request: Request) -> Response:
     if errors:
         return ORJSONResponse({"error": "invalid link request", "fields": errors}, status_code=422)
     signer: LinkSigner = request.app.state.link_signer
-    referrer = str(claims["sub"])
-    link = signer.issue(referrer, int(time.time()), ttl)
-    expires_at = datetime.fromtimestamp(link.expires, UTC)
     async with request.app.state.database.session() as session, session.begin():
-        session.add(
-            Link(
-                nonce=link.nonce,
-                token=link.token,
-                referrer_id=referrer,
-                source=source,
-                target=target,
-                campaign=campaign,
-                expires_at=expires_at,
-            )
+        link = await attribution.create_link(
+            session,
+            signer,
+            referrer=str(claims["sub"]),
+            source=source,
+            target=target,
+            now=request.app.state.clock.now(),
+            ttl=ttl,
+            campaign=campaign,
         )
+    expires_at = link.expires_at
     url = str(request.url_for("follow_link", token=link.token))
     return ORJSONResponse(
         {"url": url, "token": link.token, "expires_at": expires_at.isoformat(), "source": source},
@@ -95,7 +92,7 @@ async def follow_link(request: Request) -> Response:
     token = request.path_params["token"]
     signer: LinkSigner = request.app.state.link_signer
     database = request.app.state.database
-    now = utcnow()
+    now = request.app.state.clock.now()
     try:
         parsed = signer.parse(token)
         async with database.session() as session:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from channels import FeedConsumer, LeaderboardConsumer, Leaderboards
-from metrics import ConsumerRunner, EventIngest, EventStream
+from loops import Clock, LoopConfig, LoopEngine, LoopServices, SystemClock, build_engine
+from loops.copy import CopyRouter, parse_providers
+from loops.scheduler import Scheduler
+from metrics import ConsumerRunner, EventIn, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
 from metrics.links import LinkSigner
 from metrics.live import KFactorDashboard
@@ -20,6 +23,37 @@ async def push_reward(hub: Hub, paid: Paid) -> None:
     await hub.broadcast(f"user:{paid.user_id}", "reward", paid.push_payload())
 
 
+def build_loops(
+    settings: Settings, database: Database, hub: Hub, ingest: EventIngest, clock: Clock | None = None
+) -> LoopEngine:
+    """The six loops with their services; the events they emit go through the one ingest path."""
+
+    async def emit(events: list[EventIn]) -> None:
+        await ingest.ingest(events, actor_id="system")
+
+    services = LoopServices(
+        database=database,
+        hub=hub,
+        signer=LinkSigner(settings.secret_key, settings.old_secret_keys),
+        emit=emit,
+        copy=CopyRouter(
+            parse_providers(settings.ai_providers),
+            database,
+            daily_budget_usd=settings.ai_daily_budget_usd,
+            clock=clock,
+        ),
+        config=LoopConfig.from_json(settings.loops_config),
+        clock=clock or SystemClock(),
+    )
+    return build_engine(services)
+
+
+def build_scheduler(settings: Settings, database: Database, engine: LoopEngine) -> Scheduler:
+    scheduler = Scheduler(database, engine.services.clock, poll=settings.scheduler_poll)
+    engine.register_jobs(scheduler)
+    return scheduler
+
+
 def build_runner(
     settings: Settings,
     database: Database,
@@ -27,6 +61,7 @@ def build_runner(
     ingest: EventIngest,
     hub: Hub,
     leaderboards: Leaderboards,
+    engine: LoopEngine,
 ) -> ConsumerRunner:
     """Every consumer of the event stream; `hub` is how their results reach sockets on every node."""
     return ConsumerRunner(
@@ -41,6 +76,7 @@ def build_runner(
                 notify=KFactorDashboard(hub, database).changed,
                 reward=lambda paid: push_reward(hub, paid),
             ),
+            engine,
         ],
         relay=ingest.relay_unpublished,
         reconcile_every=settings.events_maintenance_every,

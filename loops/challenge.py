@@ -1,0 +1,247 @@
+"""Buddy challenge: after a practice session, challenge a friend (or an outside contact through a
+signed link) to the same 5-question deck.
+
+States: `pending` → `accepted` → `completed`, or `pending`/`accepted` → `expired` (48 h after it was
+made) and `pending` → `declined`. Nobody challenges themselves. The challenger may submit their score
+as soon as the challenge exists; the friend after accepting. When both scores are in, the higher
+score wins; **equal scores are a draw** (no winner). Rewards through the ledger, once each: a streak
+shield to both players (`challenge_completed`), 50 XP to the winner (`challenge_won`), 25 XP each on
+a draw (`challenge_tied`). Progress and the result are pushed on `challenge:{id}` and to both
+players' `user:{id}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from metrics import EventIn
+from metrics.attribution import create_link
+from store import LoopItem, LoopJob, LoopMember
+
+from .engine import ActionError, Effects, Loop, LoopServices, hours
+
+SUBJECT_MAX = 64
+
+
+def _subject(params: dict[str, Any]) -> str:
+    subject = params.get("subject")
+    if not isinstance(subject, str) or not 1 <= len(subject) <= SUBJECT_MAX:
+        raise ActionError("invalid", "subject must be a string of 1-64 characters")
+    return subject
+
+
+class BuddyChallenge(Loop):
+    name = "buddy_challenge"
+
+    def __init__(self, services: LoopServices) -> None:
+        super().__init__(services)
+        self.on_events = {"practice_completed": self.on_practice}
+        self.jobs = {"challenge_expire": self.expire}
+        self.actions = {
+            "challenge": self.challenge,
+            "accept_challenge": self.accept,
+            "decline_challenge": self.decline,
+            "submit_challenge": self.submit,
+        }
+
+    async def on_practice(self, session: AsyncSession, event: dict[str, Any], fx: Effects) -> None:
+        """Suggest a challenge on the deck just practised (a prompt, paced by the orchestrator)."""
+        user, props = event["user_id"], event["props"]
+        verdict = await self.decide(session, "challenge_prompt", sender=None, recipient=user)
+        if verdict.allowed:
+            fx.to_user(
+                user,
+                "loop_prompt",
+                {
+                    "loop": self.name,
+                    "action": "challenge",
+                    "subject": props.get("subject"),
+                    "deck_id": props.get("deck_id"),
+                    "text": await self.text("challenge_prompt", subject=props.get("subject")),
+                },
+            )
+
+    async def challenge(
+        self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
+    ) -> dict[str, Any]:
+        me, now = str(actor["sub"]), self.now()
+        subject = _subject(params)
+        friend = params.get("friend_id")
+        outside = params.get("outside") is True
+        if (friend is None) == (not outside):
+            raise ActionError("invalid", "give either friend_id or outside: true")
+        if friend is not None and (not isinstance(friend, str) or not friend):
+            raise ActionError("invalid", "friend_id must be a user id")
+        if friend == me:
+            raise ActionError("self_challenge", "you cannot challenge yourself")
+        verdict = await self.decide(session, "challenge_invite", sender=me, recipient=friend, outside=outside)
+        if not verdict.allowed:
+            return {"refused": verdict.reason}
+        item = LoopItem(
+            id=self.new_id("ch"),
+            loop=self.name,
+            owner_id=me,
+            other_id=friend,
+            subject=subject,
+            state="pending",
+            data={"deck_id": params.get("deck_id"), "questions": self.config.challenge_questions},
+            created_at=now,
+            updated_at=now,
+            expires_at=now + hours(self.config.challenge_ttl_hours),
+        )
+        session.add(item)
+        await self.member(session, item.id, me, "owner", now)
+        reply: dict[str, Any] = {"challenge_id": item.id, "topic": f"challenge:{item.id}"}
+        if outside:
+            link = await create_link(
+                session,
+                self.services.signer,
+                referrer=me,
+                source=self.name,
+                target=f"/challenge/{item.id}",
+                now=now,
+                ttl=self.config.challenge_ttl_hours * 3600,
+            )
+            item.data = {**item.data, "link_nonce": link.nonce}
+            fx.emit(
+                EventIn(
+                    f"{item.id}-invite",
+                    "invite_sent",
+                    me,
+                    now,
+                    {"source": self.name, "link_token": link.token},
+                )
+            )
+            reply.update(token=link.token, url=f"/r/{link.token}")
+        else:
+            assert friend is not None
+            await self.member(session, item.id, friend, "invited", now)
+            fx.to_user(
+                friend,
+                "challenge_invite",
+                {
+                    "challenge_id": item.id,
+                    "from": await self.display_name(session, me),
+                    "subject": subject,
+                    "questions": self.config.challenge_questions,
+                    "expires_at": item.expires_at.isoformat() if item.expires_at else None,
+                    "text": await self.text("challenge_invite", subject=subject),
+                },
+            )
+        assert item.expires_at is not None
+        await self.schedule(
+            session, "challenge_expire", item.expires_at, {"id": item.id}, f"challenge:{item.id}"
+        )
+        return reply
+
+    async def accept(
+        self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
+    ) -> dict[str, Any]:
+        me, now = str(actor["sub"]), self.now()
+        item = await self.item(session, params.get("challenge_id"), self.name)
+        if item.other_id is None:  # an outside challenge: whoever holds its link may take it, once
+            token = params.get("token")
+            nonce = item.data.get("link_nonce")
+            if not isinstance(token, str) or not nonce or token.split(".")[0] != nonce:
+                raise ActionError("forbidden", "this challenge needs its invite link")
+            if me == item.owner_id:
+                raise ActionError("self_challenge", "you cannot challenge yourself")
+            item.other_id = me
+            await self.member(session, item.id, me, "invited", now)
+        if item.other_id != me:
+            raise ActionError("forbidden", "this challenge is not yours to accept")
+        if item.state != "pending" or (item.expires_at is not None and now >= item.expires_at):
+            raise ActionError("not_pending", f"this challenge is {item.state}")
+        self.move(item, "accepted", now)
+        await self.decide(session, "challenge_accepted", sender=me, recipient=item.owner_id, update=True)
+        payload = {"challenge_id": item.id, "state": "accepted", "by": await self.display_name(session, me)}
+        fx.push(f"challenge:{item.id}", "challenge_update", payload)
+        fx.to_user(item.owner_id, "challenge_update", payload)
+        return {"challenge_id": item.id, "state": item.state, "topic": f"challenge:{item.id}"}
+
+    async def decline(
+        self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
+    ) -> dict[str, Any]:
+        me, now = str(actor["sub"]), self.now()
+        item = await self.item(session, params.get("challenge_id"), self.name)
+        if item.other_id != me:
+            raise ActionError("forbidden", "this challenge is not yours to decline")
+        if item.state != "pending":
+            raise ActionError("not_pending", f"this challenge is {item.state}")
+        self.move(item, "declined", now)
+        fx.to_user(item.owner_id, "challenge_update", {"challenge_id": item.id, "state": "declined"})
+        return {"challenge_id": item.id, "state": item.state}
+
+    async def submit(
+        self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
+    ) -> dict[str, Any]:
+        me, now = str(actor["sub"]), self.now()
+        item = await self.item(session, params.get("challenge_id"), self.name)
+        score = params.get("score")
+        questions = int(item.data.get("questions", self.config.challenge_questions))
+        if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= questions:
+            raise ActionError("invalid", f"score must be the number of correct answers, 0-{questions}")
+        if me not in (item.owner_id, item.other_id):
+            raise ActionError("forbidden", "you are not in this challenge")
+        allowed = ("pending", "accepted") if me == item.owner_id else ("accepted",)
+        if item.state not in allowed or (item.expires_at is not None and now >= item.expires_at):
+            raise ActionError("not_open", f"this challenge is {item.state}")
+        row = await session.get(LoopMember, (item.id, me))
+        if row is None or row.score is not None:
+            raise ActionError("already_submitted", "your score is already in")
+        row.score, row.updated_at = float(score), now
+        fx.push(f"challenge:{item.id}", "challenge_update", {"challenge_id": item.id, "submitted": me})
+        scores = await self._scores(session, item)
+        if item.state == "accepted" and len(scores) == 2 and all(v is not None for v in scores.values()):
+            await self._complete(session, item, scores, fx)
+        return {"challenge_id": item.id, "state": item.state}
+
+    @staticmethod
+    async def _scores(session: AsyncSession, item: LoopItem) -> dict[str, float | None]:
+        rows = await session.scalars(select(LoopMember).where(LoopMember.item_id == item.id))
+        return {m.user_id: m.score for m in rows if m.user_id in (item.owner_id, item.other_id)}
+
+    async def _complete(
+        self, session: AsyncSession, item: LoopItem, scores: dict[str, float | None], fx: Effects
+    ) -> None:
+        now = self.now()
+        assert item.other_id is not None
+        a, b = item.owner_id, item.other_id
+        sa, sb = scores[a] or 0.0, scores[b] or 0.0
+        winner = a if sa > sb else b if sb > sa else None
+        self.move(item, "completed", now, winner=winner, scores={a: sa, b: sb})
+        for player in (a, b):
+            await self.reward(session, fx, player, "challenge_completed", item.id, now)
+            if winner is None:
+                await self.reward(session, fx, player, "challenge_tied", item.id, now)
+        if winner is not None:
+            await self.reward(session, fx, winner, "challenge_won", item.id, now)
+        result = {
+            "challenge_id": item.id,
+            "state": "completed",
+            "scores": [
+                {"name": await self.display_name(session, a), "score": sa},
+                {"name": await self.display_name(session, b), "score": sb},
+            ],
+            "draw": winner is None,
+        }
+        fx.push(f"challenge:{item.id}", "challenge_result", result)
+        for player in (a, b):
+            personal = {
+                **result,
+                "outcome": "draw" if winner is None else "won" if winner == player else "lost",
+            }
+            fx.to_user(player, "challenge_result", personal)
+
+    async def expire(self, session: AsyncSession, job: LoopJob, fx: Effects) -> None:
+        item = await session.get(LoopItem, job.payload["id"], with_for_update=True)
+        if item is None or item.state not in ("pending", "accepted"):
+            return  # finished in time (or declined): nothing to expire
+        self.move(item, "expired", self.now())
+        payload = {"challenge_id": item.id, "state": "expired"}
+        fx.push(f"challenge:{item.id}", "challenge_update", payload)
+        for player in filter(None, (item.owner_id, item.other_id)):
+            fx.to_user(player, "challenge_update", payload)

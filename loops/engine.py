@@ -1,0 +1,341 @@
+"""What every loop shares: its services, the effects it collects during a transaction, and the engine
+that feeds it events (as a consumer of the event stream), timed jobs (through the scheduler) and user
+actions (from `user:{id}` messages and `POST /api/loops/{action}`).
+
+A loop never pushes or emits inside a transaction: it records pushes and events in `Effects`, and
+they go out after the commit — so a rolled-back batch sends nothing, and a replayed one (the
+consumer's and the scheduler's at-least-once) finds its state already moved and sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from metrics import EventIn
+from metrics.compliance import SocialAction, Verdict
+from metrics.links import LinkSigner
+from metrics.rewards import Paid, pay
+from realtime import BrokerUnavailable, Hub
+from store import Database, LoopItem, LoopJob, LoopMember, User
+
+from .clock import Clock, SystemClock
+from .copy import CopyRequest, CopyRouter
+from .orchestrator import Orchestrator
+from .scheduler import schedule
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[list[EventIn]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Every loop's knobs (README "Viral loops"); `LOOPS_CONFIG` (JSON) overrides any of them."""
+
+    nudge_ttl_minutes: int = 60
+    nudge_pair_cooldown_hours: int = 24
+    nudge_exam_days: int = 7
+    nudge_sessions: int = 3
+    nudge_session_days: int = 14
+    nudge_weak_score: float = 70.0
+    nudge_buddies: int = 3
+    challenge_ttl_hours: int = 48
+    challenge_questions: int = 5
+    rally_days: int = 7
+    parent_share_days: int = 30
+    parent_score_jump: float = 15.0
+    parent_streak_milestones: tuple[int, ...] = (7, 30, 100)
+    streak_window_hours: int = 24
+    rescue_at_risk_hours: int = 6
+    rescue_pass_score: float = 60.0
+
+    @classmethod
+    def from_json(cls, value: str) -> LoopConfig:
+        if not value.strip():
+            return cls()
+        raw = orjson.loads(value)
+        if not isinstance(raw, dict):
+            raise ValueError("LOOPS_CONFIG must be a JSON object")
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"LOOPS_CONFIG: unknown keys {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, given in raw.items():
+            default = getattr(defaults, key)
+            if isinstance(default, tuple):
+                if not isinstance(given, list) or not all(isinstance(v, int) and v > 0 for v in given):
+                    raise ValueError(f"LOOPS_CONFIG: {key} must be a list of positive whole numbers")
+                values[key] = tuple(given)
+            elif isinstance(given, bool) or not isinstance(given, (int, float)) or given <= 0:
+                raise ValueError(f"LOOPS_CONFIG: {key} must be a positive number")
+            elif isinstance(default, int) and not isinstance(given, int):
+                raise ValueError(f"LOOPS_CONFIG: {key} must be a whole number")
+            else:
+                values[key] = type(default)(given)
+        return replace(defaults, **values)
+
+
+class ActionError(Exception):
+    """A user action refused, with a stable `code` and a message the client can show."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Effects:
+    """What a transaction wants done once it commits: pushes, events to emit, jobs' follow-ups."""
+
+    pushes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    events: list[EventIn] = field(default_factory=list)
+
+    def push(self, topic: str, event: str, payload: dict[str, Any]) -> None:
+        self.pushes.append((topic, event, payload))
+
+    def to_user(self, user_id: str, event: str, payload: dict[str, Any]) -> None:
+        self.push(f"user:{user_id}", event, payload)
+
+    def emit(self, event: EventIn) -> None:
+        self.events.append(event)
+
+    def reward(self, paid: Paid | None) -> None:
+        if paid is not None:
+            self.to_user(paid.user_id, "reward", paid.push_payload())
+
+
+@dataclass
+class LoopServices:
+    database: Database
+    hub: Hub
+    signer: LinkSigner
+    emit: Emit
+    orchestrator: Orchestrator = field(default_factory=Orchestrator)
+    clock: Clock = field(default_factory=SystemClock)
+    copy: CopyRouter = field(default_factory=lambda: CopyRouter([], None))
+    config: LoopConfig = field(default_factory=LoopConfig)
+
+
+EventHandler = Callable[[AsyncSession, dict[str, Any], Effects], Awaitable[None]]
+JobHandler = Callable[[AsyncSession, LoopJob, Effects], Awaitable[None]]
+ActionHandler = Callable[[AsyncSession, dict[str, Any], dict[str, Any], Effects], Awaitable[dict[str, Any]]]
+
+
+class Loop:
+    """One loop: the events it reacts to, the timed jobs it owns, the actions users take in it."""
+
+    name: str = ""
+
+    def __init__(self, services: LoopServices) -> None:
+        self.services = services
+        self.config = services.config
+        self.on_events: dict[str, EventHandler] = {}
+        self.jobs: dict[str, JobHandler] = {}
+        self.actions: dict[str, ActionHandler] = {}
+
+    async def setup(self, session: AsyncSession) -> None:
+        """At start-up, in a transaction: make sure recurring jobs exist (idempotent)."""
+
+    # Helpers the loops share.
+
+    def now(self) -> datetime:
+        return self.services.clock.now()
+
+    async def decide(
+        self,
+        session: AsyncSession,
+        action: str,
+        *,
+        sender: str | None,
+        recipient: str | None,
+        outside: bool = False,
+        update: bool = False,
+    ) -> Verdict:
+        return await self.services.orchestrator.decide(
+            session, SocialAction(self.name, action, sender, recipient, outside), self.now(), update=update
+        )
+
+    async def text(self, kind: str, **variables: Any) -> str:
+        return (await self.services.copy.render(CopyRequest(kind, "en", variables))).text
+
+    async def schedule(
+        self, session: AsyncSession, kind: str, at: datetime, payload: dict[str, Any], key: str
+    ) -> bool:
+        return await schedule(session, kind, at, payload, key)
+
+    async def reward(
+        self, session: AsyncSession, fx: Effects, user_id: str, reason: str, ref: str, at: datetime
+    ) -> Paid | None:
+        paid = await pay(session, user_id, reason, ref, at)
+        fx.reward(paid)
+        return paid
+
+    @staticmethod
+    async def display_name(session: AsyncSession, user_id: str) -> str:
+        """How a user is named in someone else's notifications: never a minor's name (SPEC §7)."""
+        user = await session.get(User, user_id)
+        if user is None or user.minor or user.opted_out or not user.display_name:
+            return "A student"
+        return user.display_name
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}_{secrets.token_urlsafe(9)}"
+
+    @staticmethod
+    async def item(session: AsyncSession, item_id: Any, loop: str) -> LoopItem:
+        if not isinstance(item_id, str) or len(item_id) > 32:
+            raise ActionError("invalid", "item_id must be a string")
+        item = await session.get(LoopItem, item_id, with_for_update=True)
+        if item is None or item.loop != loop:
+            raise ActionError("not_found", f"no such {loop.replace('_', ' ')}")
+        return item
+
+    @staticmethod
+    def move(item: LoopItem, state: str, at: datetime, **data: Any) -> None:
+        item.state = state
+        item.updated_at = at
+        if data:
+            item.data = {**item.data, **data}
+
+    @staticmethod
+    async def member(
+        session: AsyncSession, item_id: str, user_id: str, role: str, at: datetime
+    ) -> LoopMember:
+        row = await session.get(LoopMember, (item_id, user_id))
+        if row is None:
+            row = LoopMember(item_id=item_id, user_id=user_id, role=role, joined_at=at, updated_at=at)
+            session.add(row)
+            await session.flush()
+        return row
+
+
+def hours(n: float) -> timedelta:
+    return timedelta(hours=n)
+
+
+class LoopEngine:
+    """Dispatches events, jobs and actions to the loops and sends their effects after each commit.
+
+    As a consumer of the event stream its `name` is "loops"; `register_jobs(scheduler)` hands every
+    loop's job kinds to the durable scheduler.
+    """
+
+    name = "loops"
+
+    def __init__(self, services: LoopServices, loops: list[Loop]) -> None:
+        self.services = services
+        self.loops = loops
+        self._events: dict[str, list[EventHandler]] = {}
+        self._jobs: dict[str, JobHandler] = {}
+        self._actions: dict[str, ActionHandler] = {}
+        self._setup_task: asyncio.Task[None] | None = None
+        for loop in loops:
+            for etype, handler in loop.on_events.items():
+                self._events.setdefault(etype, []).append(handler)
+            for kind, job in loop.jobs.items():
+                self._jobs[kind] = job
+            for action, act in loop.actions.items():
+                if action in self._actions:
+                    raise ValueError(f"two loops define the action {action!r}")
+                self._actions[action] = act
+
+    async def start(self) -> None:
+        """Set the loops up (recurring jobs) in the background, retrying while the database is down:
+        the web process must come up (and say 503 on /readyz) even then."""
+        self._setup_task = asyncio.create_task(self._setup(), name="loops-setup")
+
+    async def stop(self) -> None:
+        if self._setup_task is not None:
+            self._setup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._setup_task
+
+    async def _setup(self, delay: float = 1.0) -> None:
+        while True:
+            try:
+                async with self.services.database.session() as session, session.begin():
+                    for loop in self.loops:
+                        await loop.setup(session)
+                return
+            except Exception as exc:
+                log.warning("loop setup failed (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def rally_standings(self, item_id: str) -> list[dict[str, Any]]:
+        """A rally's current standings (the `rally:{id}` join reply)."""
+        rally = next(loop for loop in self.loops if loop.name == "results_rally")
+        async with self.services.database.session() as session:
+            item = await session.get(LoopItem, item_id)
+            rows = [] if item is None else await rally.standings(session, item)  # type: ignore[attr-defined]
+        return [{k: v for k, v in row.items() if k != "user_id"} for row in rows]
+
+    @property
+    def action_names(self) -> list[str]:
+        return sorted(self._actions)
+
+    # Events (ConsumerRunner's Consumer protocol).
+
+    async def handle(
+        self, events: list[dict[str, Any]], session: AsyncSession
+    ) -> Callable[[], Awaitable[None]] | None:
+        fx = Effects()
+        for event in events:
+            for handler in self._events.get(event["type"], ()):
+                await handler(session, event, fx)
+        return (lambda: self.flush(fx)) if fx.pushes or fx.events else None
+
+    # Jobs.
+
+    def register_jobs(self, scheduler: Any) -> None:
+        for kind, job in self._jobs.items():
+            scheduler.register(kind, self._job_runner(job))
+
+    def _job_runner(self, job: JobHandler) -> Callable[[AsyncSession, LoopJob], Awaitable[Any]]:
+        async def run(session: AsyncSession, row: LoopJob) -> Callable[[], Awaitable[None]] | None:
+            fx = Effects()
+            await job(session, row, fx)
+            return (lambda: self.flush(fx)) if fx.pushes or fx.events else None
+
+        return run
+
+    # User actions.
+
+    async def act(self, actor: dict[str, Any], action: str, params: Any) -> dict[str, Any]:
+        handler = self._actions.get(action)
+        if handler is None:
+            raise ActionError("unknown_action", f"unknown action {action!r}; known: {self.action_names}")
+        if not isinstance(params, dict):
+            raise ActionError("invalid", "the action's payload must be a JSON object")
+        fx = Effects()
+        async with self.services.database.session() as session, session.begin():
+            reply = await handler(session, actor, params, fx)
+        await self.flush(fx)
+        if "refused" in reply:  # the refusal is recorded (committed above); the caller gets an error
+            raise ActionError("refused", f"not sent: {reply['refused']}")
+        return reply
+
+    async def flush(self, fx: Effects) -> None:
+        if fx.events:
+            try:
+                await self.services.emit(fx.events)
+            except Exception:  # the loop's own state is committed; the events are its announcement
+                log.exception("loop events could not be emitted: %s", [e.id for e in fx.events])
+        for topic, event, payload in fx.pushes:
+            try:
+                await self.services.hub.broadcast(topic, event, payload)
+            except BrokerUnavailable as exc:
+                log.warning("loop push to %s lost: %s", topic, exc)

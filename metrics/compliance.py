@@ -1,0 +1,125 @@
+"""The compliance gate: the one check every outbound social action passes (nudges, invites, share
+links, rally and parent messages), and the record of every refusal.
+
+Rules, in order (the first that applies refuses, with its stable `reason`):
+- `sender_opted_out` / `recipient_opted_out`: users who opted out of social features send and
+  receive nothing social;
+- `minor_without_consent`: a user under 13 (`minor`) never sends an invite outside the platform
+  (`outside=True`: share links, invites to contacts) nor is invited from outside without a recorded,
+  unrevoked parental consent (`consents`);
+- `sender_rate_limited`: more than `sender_per_day` social actions shown from one sender in 24 h;
+- `recipient_rate_limited`: more than `recipient_per_day` shown to one recipient in 24 h;
+- `quiet_hours`: the recipient's local time (profile `timezone`, UTC when unknown) is within quiet
+  hours (21:00-07:00 by default) — for pushes to a person, not for links the sender shares.
+The loops' orchestrator adds its caps and cooldowns on top (loops/orchestrator.py) and records the
+decision; `check` records nothing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from store import Consent, PromptDecision, User
+
+
+@dataclass(frozen=True, slots=True)
+class SocialAction:
+    loop: str
+    action: str
+    sender_id: str | None  # None: the system prompts the recipient itself
+    recipient_id: str | None  # None: a link shared outside the platform
+    outside: bool = False  # reaches (or comes from) someone outside the platform
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    reason: str  # "ok" or the rule that refused
+
+    @classmethod
+    def ok(cls) -> Verdict:
+        return cls(True, "ok")
+
+
+@dataclass(frozen=True, slots=True)
+class ComplianceRules:
+    sender_per_day: int = 20
+    recipient_per_day: int = 10
+    quiet_start: time = time(21, 0)
+    quiet_end: time = time(7, 0)
+
+
+def in_quiet_hours(local: time, start: time, end: time) -> bool:
+    if start <= end:
+        return start <= local < end
+    return local >= start or local < end
+
+
+def local_time(now: datetime, zone: str | None) -> time:
+    try:
+        tz = ZoneInfo(zone) if zone else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = ZoneInfo("UTC")
+    return now.astimezone(tz).time()
+
+
+async def has_consent(session: AsyncSession, user_id: str) -> bool:
+    consent = await session.get(Consent, user_id)
+    return consent is not None and consent.revoked_at is None
+
+
+async def check(
+    session: AsyncSession, action: SocialAction, now: datetime, rules: ComplianceRules = ComplianceRules()
+) -> Verdict:
+    users = {
+        u.id: u
+        for u in (
+            await session.scalars(
+                select(User).where(User.id.in_([i for i in (action.sender_id, action.recipient_id) if i]))
+            )
+        )
+    }
+    sender = users.get(action.sender_id) if action.sender_id else None
+    recipient = users.get(action.recipient_id) if action.recipient_id else None
+    if sender is not None and sender.opted_out:
+        return Verdict(False, "sender_opted_out")
+    if recipient is not None and recipient.opted_out:
+        return Verdict(False, "recipient_opted_out")
+    if action.outside:
+        for person in (sender, recipient):
+            if person is not None and person.minor and not await has_consent(session, person.id):
+                return Verdict(False, "minor_without_consent")
+    day_ago = now - timedelta(hours=24)
+    if action.sender_id is not None:
+        sent = await session.scalar(
+            select(func.count()).where(
+                PromptDecision.sender_id == action.sender_id,
+                PromptDecision.shown.is_(True),
+                PromptDecision.created_at > day_ago,
+            )
+        )
+        if int(sent or 0) >= rules.sender_per_day:
+            return Verdict(False, "sender_rate_limited")
+    if action.recipient_id is not None:
+        received = await session.scalar(
+            select(func.count()).where(
+                PromptDecision.user_id == action.recipient_id,
+                PromptDecision.sender_id.is_not(None),
+                PromptDecision.shown.is_(True),
+                PromptDecision.created_at > day_ago,
+            )
+        )
+        if action.sender_id is not None and int(received or 0) >= rules.recipient_per_day:
+            return Verdict(False, "recipient_rate_limited")
+        zone = recipient.timezone if recipient is not None else None
+        if in_quiet_hours(local_time(now, zone), rules.quiet_start, rules.quiet_end):
+            return Verdict(False, "quiet_hours")
+    return Verdict.ok()
+
+
+__all__ = ["ComplianceRules", "SocialAction", "Verdict", "check", "has_consent", "in_quiet_hours"]
