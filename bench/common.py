@@ -304,3 +304,42 @@ def environment(node: str) -> dict[str, Any]:
         "versions": versions,
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
     }
+
+
+# PostgreSQL databases of the benchmarks, and their results.
+
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_urls(name: str) -> tuple[str, str]:
+    """(asyncpg DSN, SQLAlchemy URL) of the benchmark database `name` on the PG_ADMIN server."""
+    dsn = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    return dsn, dsn.replace("postgresql://", "postgresql+asyncpg://")
+
+
+async def fresh_pg_database(name: str) -> tuple[str, str]:
+    """Drop and re-create `name`, migrated to head; returns (asyncpg DSN, SQLAlchemy URL)."""
+    import asyncpg
+
+    from store.migrate import upgrade
+
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn, url = pg_urls(name)
+    await asyncio.to_thread(upgrade, url)
+    return dsn, url
+
+
+def write_result(result: dict[str, Any], name: str, out: Path | None) -> Path:
+    """Write a run's JSON to `out`, or to bench/results/{name}-{timestamp}.json; returns the path."""
+    path = out or ROOT / "bench" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path

@@ -27,17 +27,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import websockets
 
 from realtime import TokenVerifier
-from store.migrate import upgrade
 
-from .common import BENCH_SECRET, ROOT, background_load, free_port, proc_cpu_split
+from .common import (
+    BENCH_SECRET,
+    ROOT,
+    background_load,
+    free_port,
+    fresh_pg_database,
+    proc_cpu_split,
+    shown,
+    write_result,
+)
 
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 DATABASE = "viral_bench_ingest"
 
 
@@ -52,18 +58,6 @@ def event(i: int, run: str) -> dict[str, Any]:
         "user_id": f"student{i % 500}",
         "props": {"subject": ("algebra", "geometry", "physics")[i % 3], "minutes": 15 + i % 30},
     }
-
-
-async def fresh_database() -> str:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-    url = PG_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0] + "/" + DATABASE
-    await asyncio.to_thread(upgrade, url)
-    return url
 
 
 def cpu(pid: int) -> float:
@@ -187,7 +181,7 @@ async def caught_up(port: int, offset: int, timeout: float = 120.0) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     idle = await background_load(1.0)
-    database_url = await fresh_database()
+    _, database_url = await fresh_pg_database(DATABASE)
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     env = {
@@ -254,13 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
-    out = args.out or ROOT / "bench" / "results" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, "ingest", args.out)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
-        print(f"written to {out}")
+        print(f"written to {shown(out)}")
     ok = result["batched"]["failed_requests"] == 0 and lat_ok(result["latency"])
     return 0 if ok else 1
 

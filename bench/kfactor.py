@@ -45,9 +45,17 @@ from realtime import TokenVerifier
 from store import Database
 from store.migrate import upgrade
 
-from .common import BENCH_SECRET, ROOT, background_load, free_port
+from .common import (
+    BENCH_SECRET,
+    ROOT,
+    background_load,
+    free_port,
+    fresh_pg_database,
+    pg_urls,
+    shown,
+    write_result,
+)
 
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 DATABASE = "viral_bench_kfactor"
 SOURCES = ("buddy_challenge", "results_rally", "proud_parent", "streak_rescue", "study_buddy", "direct")
 ACTIVITY = ("session_completed", "quiz_completed", "diagnostic_completed", "practice_completed")
@@ -120,15 +128,7 @@ def fill_sql(events: int, links: int) -> list[str]:
 
 
 async def fill(events: int, links: int) -> tuple[str, dict[str, Any]]:
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-    dsn = PG_ADMIN.rsplit("/", 1)[0] + "/" + DATABASE
-    url = dsn.replace("postgresql://", "postgresql+asyncpg://")
-    await asyncio.to_thread(upgrade, url)
+    dsn, url = await fresh_pg_database(DATABASE)
     conn = await asyncpg.connect(dsn)
     t0 = time.perf_counter()
     try:
@@ -263,7 +263,7 @@ async def push_latency(url: str, days: int, spacing: float, count: int) -> dict[
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     background = await background_load()
     if args.reuse:
-        url = PG_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0] + "/" + DATABASE
+        _, url = pg_urls(DATABASE)
         await asyncio.to_thread(upgrade, url)
         counts: dict[str, Any] = {}
     else:
@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/)")
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
-    out = args.out or ROOT / "bench" / "results" / f"kfactor-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(result, "kfactor", args.out)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {r['p99_ms']} ms, max {r['max_ms']} ms ({r['seen']}/{r['events']} seen, "
                 f"{r['pushes']} pushes, closest two {r['min_gap_between_pushes_s']} s apart)"
             )
-        print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        print(f"written to {shown(out)}")
     return 0 if result["ok"] else 1
 
 

@@ -3,7 +3,7 @@
 from realtime import Router
 
 from .context import ChannelContext
-from .dashboard import KFactorChannel
+from .dashboard import ExperimentsChannel, KFactorChannel
 from .feed import FeedConsumer
 from .feed_channel import FeedChannel
 from .leaderboard import LeaderboardConsumer, Leaderboards, boards_from_url
@@ -15,6 +15,7 @@ from .user import UserChannel
 __all__ = [
     "BoardWatcher",
     "ChannelContext",
+    "ExperimentsChannel",
     "FeedChannel",
     "FeedConsumer",
     "GlobalPresenceChannel",
@@ -41,4 +42,6 @@ def build_router() -> Router:
     router.channel("challenge:*", LoopRoomChannel)
     router.channel("rally:*", LoopRoomChannel)
     router.channel("dashboard:k_factor", KFactorChannel)
+    router.channel("dashboard:experiments", ExperimentsChannel)
+    router.channel("dashboard:experiment:*", ExperimentsChannel)
     return router

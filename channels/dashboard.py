@@ -1,9 +1,10 @@
-"""`dashboard:k_factor` (admin only): the K-factor report on join, then live `metrics_update` pushes."""
+"""Admin dashboards' channels: `dashboard:k_factor`, `dashboard:experiments`, `dashboard:experiment:{key}`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from metrics.experiments import ExperimentError
 from metrics.growth import PERIODS
 from realtime import JoinError
 
@@ -33,3 +34,34 @@ class KFactorChannel(ProductChannel):
 
     async def terminate(self, reason: str) -> None:
         self.services.k_factor.unwatch(self)
+
+
+class ExperimentsChannel(ProductChannel):
+    """`dashboard:experiments` (the list) and `dashboard:experiment:{key}` (one experiment's results), admin
+    only: the current view in the join reply, then `metrics_update` whenever it changes (≤ 1/s)."""
+
+    __slots__ = ("key", "last_sent")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.key: str | None = None
+        self.last_sent: dict[str, Any] | None = None
+
+    async def join(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not is_admin(self.claims):
+            raise JoinError("unauthorized")
+        dashboard = self.services.experiments
+        if self.topic == "dashboard:experiments":
+            view = await dashboard.listing()
+        else:
+            self.key = self.topic.removeprefix("dashboard:experiment:")
+            try:
+                view = await dashboard.results(self.key)
+            except ExperimentError as exc:
+                raise JoinError(str(exc)) from None
+        self.last_sent = view
+        dashboard.watch(self, self.key)
+        return view
+
+    async def terminate(self, reason: str) -> None:
+        self.services.experiments.unwatch(self, self.key)

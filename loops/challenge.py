@@ -80,6 +80,10 @@ class BuddyChallenge(Loop):
         verdict = await self.decide(session, "challenge_invite", sender=me, recipient=friend, outside=outside)
         if not verdict.allowed:
             return {"refused": verdict.reason}
+        # An experiment on this loop may set `challenge_ttl_hours` and `challenge_questions`.
+        variant = await self.variant(session, me, fx)
+        ttl_hours = int(variant.get("challenge_ttl_hours", self.config.challenge_ttl_hours))
+        questions = int(variant.get("challenge_questions", self.config.challenge_questions))
         item = LoopItem(
             id=self.new_id("ch"),
             loop=self.name,
@@ -87,10 +91,10 @@ class BuddyChallenge(Loop):
             other_id=friend,
             subject=subject,
             state="pending",
-            data={"deck_id": params.get("deck_id"), "questions": self.config.challenge_questions},
+            data={"deck_id": params.get("deck_id"), "questions": questions},
             created_at=now,
             updated_at=now,
-            expires_at=now + hours(self.config.challenge_ttl_hours),
+            expires_at=now + hours(ttl_hours),
         )
         session.add(item)
         await self.member(session, item.id, me, "owner", now)
@@ -103,7 +107,7 @@ class BuddyChallenge(Loop):
                 source=self.name,
                 target=f"/challenge/{item.id}",
                 now=now,
-                ttl=self.config.challenge_ttl_hours * 3600,
+                ttl=ttl_hours * 3600,
             )
             item.data = {**item.data, "link_nonce": link.nonce}
             fx.emit(
@@ -126,7 +130,7 @@ class BuddyChallenge(Loop):
                     "challenge_id": item.id,
                     "from": await self.display_name(session, me),
                     "subject": subject,
-                    "questions": self.config.challenge_questions,
+                    "questions": questions,
                     "expires_at": item.expires_at.isoformat() if item.expires_at else None,
                     "text": await self.text("challenge_invite", subject=subject),
                 },

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -19,14 +20,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from metrics import EventIn
+from metrics import EventIn, experiments
 from metrics.compliance import SocialAction, Verdict
 from metrics.links import LinkSigner
 from metrics.rewards import Paid, pay
 from realtime import BrokerUnavailable, Hub
-from store import Database, LoopItem, LoopJob, LoopMember, User
+from store import Database, Experiment, LoopItem, LoopJob, LoopMember, User
 
 from .clock import Clock, SystemClock
 from .copy import CopyRequest, CopyRouter
@@ -166,6 +168,32 @@ class Loop:
         return await self.services.orchestrator.decide(
             session, SocialAction(self.name, action, sender, recipient, outside), self.now(), update=update
         )
+
+    async def variant(self, session: AsyncSession, user_id: str, fx: Effects) -> dict[str, Any]:
+        """This loop's settings for `user_id` from its experiment (metrics.experiments), if any: the
+        assigned variant's config while one runs (and `experiment_exposure` emitted the first time
+        the user sees it), the declared winner's config once stopped, otherwise nothing."""
+        chosen = await session.scalar(
+            select(Experiment)
+            .where(Experiment.loop == self.name, Experiment.status.in_(("running", "stopped")))
+            .order_by((Experiment.status == "running").desc(), Experiment.updated_at.desc())
+            .limit(1)
+        )
+        if chosen is None or (chosen.status == "stopped" and chosen.winner is None):
+            return {}
+        found = await experiments.assignment(session, chosen, user_id)
+        if found.new_exposure:
+            digest = hashlib.sha256(f"{chosen.key}\x00{user_id}".encode()).hexdigest()[:40]
+            fx.emit(
+                EventIn(
+                    f"exposure-{digest}",
+                    "experiment_exposure",
+                    user_id,
+                    self.now(),
+                    {"experiment": chosen.key, "variant": found.variant},
+                )
+            )
+        return dict(found.config or {})
 
     async def text(self, kind: str, **variables: Any) -> str:
         return (await self.services.copy.render(CopyRequest(kind, "en", variables))).text

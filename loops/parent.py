@@ -148,6 +148,11 @@ class ProudParent(Loop):
                     "url": f"/r/{link.token}",
                     "expires_at": link.expires_at.isoformat(),
                 },
-                "text": await self.text("parent_card", name=name, sessions=progress["sessions"]),
+                # Copy may be written by an outside provider: a minor's name never goes there.
+                "text": await self.text(
+                    "parent_card",
+                    name="Your child" if child_user is None or child_user.minor else name,
+                    sessions=progress["sessions"],
+                ),
             },
         )

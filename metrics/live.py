@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import orjson
 
 from realtime import BrokerUnavailable, Hub
 from store import Database
@@ -139,3 +142,79 @@ class KFactorDashboard(ChangeListener):
                 viewer.push("metrics_update", report)
                 pushed += 1
         return pushed
+
+
+EXPERIMENTS_TOPIC = "__experiments__"
+
+
+class ExperimentsDashboard(ChangeListener):
+    """`dashboard:experiments` (the list, as `GET /api/experiments`) and `dashboard:experiment:{key}`
+    (results, as `GET /api/experiments/{key}/results`): recomputed for the experiments whose numbers
+    or settings moved, at most once per interval, pushed to the viewers whose view changed."""
+
+    def __init__(self, hub: Hub, database: Database, interval: float = 1.0) -> None:
+        super().__init__(hub, EXPERIMENTS_TOPIC, interval, "experiments-dashboard")
+        self.database = database
+        self._lists: set[Viewer] = set()
+        self._by_key: dict[str, set[Viewer]] = {}
+        self._dirty: set[str] = set()
+
+    async def changed(self, keys: Sequence[str]) -> None:
+        try:
+            await self.hub.publish_raw(EXPERIMENTS_TOPIC, orjson.dumps(list(keys)))
+        except BrokerUnavailable as exc:
+            log.debug("could not announce an experiments change: %s", exc)
+
+    async def listing(self) -> dict[str, Any]:
+        from . import experiments
+
+        async with self.database.session() as session:
+            return {"experiments": [experiments.to_json(e) for e in await experiments.listing(session)]}
+
+    async def results(self, key: str) -> dict[str, Any]:
+        from . import experiments
+
+        async with self.database.session() as session:
+            return await experiments.results(session, await experiments.get(session, key))
+
+    def watch(self, viewer: Viewer, key: str | None) -> None:
+        if key is None:
+            self._lists.add(viewer)
+        else:
+            self._by_key.setdefault(key, set()).add(viewer)
+
+    def unwatch(self, viewer: Viewer, key: str | None) -> None:
+        if key is None:
+            self._lists.discard(viewer)
+        else:
+            viewers = self._by_key.get(key)
+            if viewers is not None:
+                viewers.discard(viewer)
+                if not viewers:
+                    del self._by_key[key]
+
+    def note(self, raw: bytes) -> None:
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+            self._dirty.update(str(k) for k in orjson.loads(raw))
+            self.wake()
+
+    async def tick(self) -> bool:
+        dirty, self._dirty = self._dirty, set()
+        if not dirty:
+            return False
+        pushed = 0
+        for key in sorted(dirty & set(self._by_key)):
+            pushed += _push_changed(self._by_key.get(key, ()), await self.results(key))
+        if self._lists:
+            pushed += _push_changed(self._lists, await self.listing())
+        return pushed > 0
+
+
+def _push_changed(viewers: Iterable[Viewer], view: dict[str, Any]) -> int:
+    pushed = 0
+    for viewer in list(viewers):
+        if view != viewer.last_sent:
+            viewer.last_sent = view
+            viewer.push("metrics_update", view)
+            pushed += 1
+    return pushed

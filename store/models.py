@@ -336,6 +336,7 @@ class PromptDecision(Base):
     __table_args__ = (
         Index("ix_prompt_decisions_user", "user_id", "shown", "created_at"),
         Index("ix_prompt_decisions_loop", "loop", "created_at"),
+        Index("ix_prompt_decisions_sender", "sender_id", "created_at"),
     )
 
 
@@ -368,3 +369,75 @@ class AiCost(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_ai_costs_day", "day"),)
+
+
+class Experiment(Base):
+    """An A/B test of a loop (metrics/experiments.py): variants with weights and config payloads,
+    coverage, seed and namespace for GrowthBook-compatible assignment, target and guardrail metrics."""
+
+    __tablename__ = "experiments"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(120))
+    hypothesis: Mapped[str] = mapped_column(Text, default="")
+    loop: Mapped[str | None] = mapped_column(String(24))  # the loop whose variant it sets, if any
+    variants: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)  # [{key, name, weight, config}]
+    coverage: Mapped[float] = mapped_column(Float, default=1.0)
+    seed: Mapped[str] = mapped_column(String(64))
+    hash_version: Mapped[int] = mapped_column(Integer, default=2)
+    namespace: Mapped[list[Any] | None] = mapped_column(JSONType)  # [id, start, end]
+    target_metric: Mapped[str] = mapped_column(String(40))
+    guardrail_metrics: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    window_days: Mapped[int] = mapped_column(Integer, default=14)
+    sequential: Mapped[bool] = mapped_column(Boolean, default=False)
+    mde: Mapped[float] = mapped_column(Float, default=0.02)
+    status: Mapped[str] = mapped_column(String(12), default="draft")
+    winner: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_experiments_status", "status", "loop"),)
+
+
+class ExperimentAudit(Base):
+    """Every change to an experiment: who, when, what."""
+
+    __tablename__ = "experiment_audit"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    experiment_key: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    changes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_experiment_audit_key", "experiment_key", "at"),)
+
+
+class ExperimentExposure(Base):
+    """A user's first exposure to an experiment: the variant they keep (sticky) and when."""
+
+    __tablename__ = "experiment_exposures"
+
+    experiment_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    exposed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    event_id: Mapped[str] = mapped_column(String(64))
+
+
+class ExperimentConversion(Base):
+    """An exposed user's events of one metric (target or guardrail) after exposure, within the window."""
+
+    __tablename__ = "experiment_conversions"
+
+    experiment_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(40), primary_key=True)
+    events: Mapped[int] = mapped_column(Integer, default=0)
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)

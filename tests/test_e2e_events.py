@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from store import Consumption, Database, Event, FeedItem, ScoreEntry
 
-CONSUMERS = ("feed", "leaderboard", "attribution", "loops")
+CONSUMERS = ("feed", "leaderboard", "attribution", "experiments", "loops")
 
 
 def headers(sub: str, role: str = "student", **claims) -> dict[str, str]:

@@ -19,12 +19,12 @@ from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url
 from loops import Clock, SystemClock
 from metrics import EventIngest, stream_from_url
 from metrics.links import LinkSigner
-from metrics.live import KFactorDashboard
+from metrics.live import ExperimentsDashboard, KFactorDashboard
 from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api, links_api, loops_api, metrics_api
+from . import events_api, experiments_api, links_api, loops_api, metrics_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
@@ -120,6 +120,7 @@ def create_app(
     leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
     board_watcher = BoardWatcher(endpoint.hub, leaderboards)
     k_factor = KFactorDashboard(endpoint.hub, database)
+    experiments_dashboard = ExperimentsDashboard(endpoint.hub, database)
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
     clock = clock or SystemClock()
@@ -139,6 +140,7 @@ def create_app(
         leaderboards=leaderboards,
         board_watcher=board_watcher,
         k_factor=k_factor,
+        experiments=experiments_dashboard,
         loops=engine,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
@@ -156,6 +158,7 @@ def create_app(
         await tracker.start()
         await board_watcher.start()
         await k_factor.start()
+        await experiments_dashboard.start()
         if runner is not None:
             await runner.start()
         if scheduler is not None:
@@ -172,6 +175,7 @@ def create_app(
                 await runner.stop()
             await engine.services.copy.close()
             await k_factor.stop()
+            await experiments_dashboard.stop()
             await board_watcher.stop()
             await tracker.stop()
             await endpoint.stop()
@@ -191,6 +195,7 @@ def create_app(
         *links_api.routes,
         *metrics_api.routes,
         *loops_api.routes,
+        *experiments_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
@@ -200,6 +205,7 @@ def create_app(
     app.state.presence = tracker
     app.state.ingest = ingest
     app.state.k_factor = k_factor
+    app.state.experiments_dashboard = experiments_dashboard
     app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
     app.state.runner = runner
     app.state.loops = engine

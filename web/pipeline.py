@@ -10,8 +10,9 @@ from loops.copy import CopyRouter, parse_providers
 from loops.scheduler import Scheduler
 from metrics import ConsumerRunner, EventIn, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
+from metrics.experiments import ExperimentConsumer
 from metrics.links import LinkSigner
-from metrics.live import KFactorDashboard
+from metrics.live import ExperimentsDashboard, KFactorDashboard
 from metrics.rewards import Paid
 from realtime import Hub
 from store import Database
@@ -76,6 +77,7 @@ def build_runner(
                 notify=KFactorDashboard(hub, database).changed,
                 reward=lambda paid: push_reward(hub, paid),
             ),
+            ExperimentConsumer(notify=ExperimentsDashboard(hub, database).changed),
             engine,
         ],
         relay=ingest.relay_unpublished,
