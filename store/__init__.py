@@ -3,6 +3,8 @@
 from .database import Database, dialect_insert
 from .models import (
     AiCost,
+    Alert,
+    AuditLog,
     Base,
     Click,
     Consent,
@@ -17,6 +19,7 @@ from .models import (
     FeedItem,
     Link,
     LinkRejection,
+    LoopControl,
     LoopItem,
     LoopJob,
     LoopMember,
@@ -32,6 +35,8 @@ from .types import utcnow
 
 __all__ = [
     "AiCost",
+    "Alert",
+    "AuditLog",
     "Base",
     "Click",
     "Consent",
@@ -47,6 +52,7 @@ __all__ = [
     "FeedItem",
     "Link",
     "LinkRejection",
+    "LoopControl",
     "LoopItem",
     "LoopJob",
     "LoopMember",

@@ -172,6 +172,10 @@ class Click(Base):
     visitor: Mapped[str] = mapped_column(String(64))
     unique_click: Mapped[bool] = mapped_column(Boolean)
     clicked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Keyed hashes (HMAC with the secret) of the client's IP and its /24 (IPv4) or /48 (IPv6) network:
+    # fraud signals compare them, nobody can read an address back.
+    ip_hash: Mapped[str | None] = mapped_column(String(32))
+    net_hash: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         Index("ix_clicks_link_visitor", "nonce", "visitor", "clicked_at"),
@@ -207,6 +211,9 @@ class Conversion(Base):
     signup_at: Mapped[datetime] = mapped_column(UTCDateTime)
     signup_event_id: Mapped[str] = mapped_column(String(64))
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # "ok" (rewarded), "pending" (held for review) or "flagged" (fraud signals; never rewarded).
+    status: Mapped[str] = mapped_column(String(12), default="ok", server_default="ok")
+    fraud_reasons: Mapped[list[str]] = mapped_column(JSONType, default=list)
 
     __table_args__ = (
         Index("ix_conversions_referrer", "referrer_id", "signup_at"),
@@ -441,3 +448,56 @@ class ExperimentConversion(Base):
     events: Mapped[int] = mapped_column(Integer, default=0)
     value: Mapped[float] = mapped_column(Float, default=0.0)
     first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditLog(Base):
+    """Who did what to whom, for the compliance records: consent granted or revoked, opt-out and
+    opt-in, data export, deletion, an admin unpausing what the guardrails paused."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(96))  # a user id, "loop:<name>" or "experiment:<key>"
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_audit_log_subject", "subject", "at"),)
+
+
+class LoopControl(Base):
+    """A loop switched off: by the guardrails on a critical alert (`auto`) or by an admin; only an
+    admin switches it back on."""
+
+    __tablename__ = "loop_controls"
+
+    loop: Mapped[str] = mapped_column(String(24), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(String(200))
+    paused_by: Mapped[str | None] = mapped_column(String(64))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Alert(Base):
+    """A guardrail threshold crossed: one open alert per (metric, scope, level) until it clears."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    metric: Mapped[str] = mapped_column(String(40))
+    scope: Mapped[str] = mapped_column(String(96))  # "global", "loop:<name>", "experiment:<key>"
+    level: Mapped[str] = mapped_column(String(10))  # warn | critical
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(10), default="open")  # open | resolved
+    action: Mapped[str | None] = mapped_column(String(40))  # e.g. "paused loop:buddy_challenge"
+    webhook_status: Mapped[str | None] = mapped_column(String(16))  # delivered | failed | none
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_alerts_open", "state", "metric", "scope"),)
