@@ -3,7 +3,7 @@
 from realtime import Router
 
 from .context import ChannelContext
-from .dashboard import ExperimentsChannel, KFactorChannel
+from .dashboard import ExperimentsChannel, GuardrailsChannel, KFactorChannel
 from .feed import FeedConsumer
 from .feed_channel import FeedChannel
 from .leaderboard import LeaderboardConsumer, Leaderboards, boards_from_url
@@ -19,6 +19,7 @@ __all__ = [
     "FeedChannel",
     "FeedConsumer",
     "GlobalPresenceChannel",
+    "GuardrailsChannel",
     "KFactorChannel",
     "LeaderboardChannel",
     "LeaderboardConsumer",
@@ -44,4 +45,5 @@ def build_router() -> Router:
     router.channel("dashboard:k_factor", KFactorChannel)
     router.channel("dashboard:experiments", ExperimentsChannel)
     router.channel("dashboard:experiment:*", ExperimentsChannel)
+    router.channel("dashboard:guardrails", GuardrailsChannel)
     return router

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metrics import EventIngest
-from metrics.live import ExperimentsDashboard, KFactorDashboard
+from metrics.live import ExperimentsDashboard, GuardrailsDashboard, KFactorDashboard
 from presence import PresenceTracker
 from realtime import Channel
 from store import Database
@@ -27,6 +27,7 @@ class ChannelContext:
     board_watcher: BoardWatcher
     k_factor: KFactorDashboard
     experiments: ExperimentsDashboard
+    guardrails: GuardrailsDashboard
     loops: LoopEngine
     # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
     pseudonym_key: bytes

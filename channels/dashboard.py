@@ -65,3 +65,24 @@ class ExperimentsChannel(ProductChannel):
 
     async def terminate(self, reason: str) -> None:
         self.services.experiments.unwatch(self, self.key)
+
+
+class GuardrailsChannel(ProductChannel):
+    """`dashboard:guardrails` (admin only): the guardrails report on join, then `metrics_update`."""
+
+    __slots__ = ("last_sent",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.last_sent: dict[str, Any] | None = None
+
+    async def join(self, params: dict[str, Any]) -> dict[str, Any]:
+        if not is_admin(self.claims):
+            raise JoinError("unauthorized")
+        view = await self.services.guardrails.report()
+        self.last_sent = view
+        self.services.guardrails.watch(self)
+        return view
+
+    async def terminate(self, reason: str) -> None:
+        self.services.guardrails.unwatch(self)

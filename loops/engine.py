@@ -101,11 +101,12 @@ class ActionError(Exception):
 class Effects:
     """What a transaction wants done once it commits: pushes, events to emit, jobs' follow-ups."""
 
-    pushes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    pushes: list[tuple[str, str, dict[str, Any], str]] = field(default_factory=list)
     events: list[EventIn] = field(default_factory=list)
+    loop: str = ""  # whose handler is running (the engine sets it): pushes are counted per loop
 
     def push(self, topic: str, event: str, payload: dict[str, Any]) -> None:
-        self.pushes.append((topic, event, payload))
+        self.pushes.append((topic, event, payload, self.loop))
 
     def to_user(self, user_id: str, event: str, payload: dict[str, Any]) -> None:
         self.push(f"user:{user_id}", event, payload)
@@ -250,6 +251,11 @@ class Loop:
         return row
 
 
+def _owner(handler: Any) -> str:
+    """The name of the loop a bound handler belongs to."""
+    return str(getattr(getattr(handler, "__self__", None), "name", ""))
+
+
 def hours(n: float) -> timedelta:
     return timedelta(hours=n)
 
@@ -270,6 +276,9 @@ class LoopEngine:
         self._jobs: dict[str, JobHandler] = {}
         self._actions: dict[str, ActionHandler] = {}
         self._setup_task: asyncio.Task[None] | None = None
+        # Per loop, pushes attempted and refused by the broker in this process (guardrails read it).
+        self.delivery: dict[str, tuple[int, int]] = {}
+        self.setups: list[Callable[[AsyncSession], Awaitable[None]]] = [loop.setup for loop in loops]
         for loop in loops:
             for etype, handler in loop.on_events.items():
                 self._events.setdefault(etype, []).append(handler)
@@ -295,8 +304,8 @@ class LoopEngine:
         while True:
             try:
                 async with self.services.database.session() as session, session.begin():
-                    for loop in self.loops:
-                        await loop.setup(session)
+                    for setup in self.setups:
+                        await setup(session)
                 return
             except Exception as exc:
                 log.warning("loop setup failed (%s); retrying in %.0f s", exc, delay)
@@ -323,6 +332,7 @@ class LoopEngine:
         fx = Effects()
         for event in events:
             for handler in self._events.get(event["type"], ()):
+                fx.loop = _owner(handler)
                 await handler(session, event, fx)
         return (lambda: self.flush(fx)) if fx.pushes or fx.events else None
 
@@ -334,7 +344,7 @@ class LoopEngine:
 
     def _job_runner(self, job: JobHandler) -> Callable[[AsyncSession, LoopJob], Awaitable[Any]]:
         async def run(session: AsyncSession, row: LoopJob) -> Callable[[], Awaitable[None]] | None:
-            fx = Effects()
+            fx = Effects(loop=_owner(job))
             await job(session, row, fx)
             return (lambda: self.flush(fx)) if fx.pushes or fx.events else None
 
@@ -348,7 +358,7 @@ class LoopEngine:
             raise ActionError("unknown_action", f"unknown action {action!r}; known: {self.action_names}")
         if not isinstance(params, dict):
             raise ActionError("invalid", "the action's payload must be a JSON object")
-        fx = Effects()
+        fx = Effects(loop=_owner(handler))
         async with self.services.database.session() as session, session.begin():
             reply = await handler(session, actor, params, fx)
         await self.flush(fx)
@@ -362,8 +372,11 @@ class LoopEngine:
                 await self.services.emit(fx.events)
             except Exception:  # the loop's own state is committed; the events are its announcement
                 log.exception("loop events could not be emitted: %s", [e.id for e in fx.events])
-        for topic, event, payload in fx.pushes:
+        for topic, event, payload, loop in fx.pushes:
+            attempted, failed = self.delivery.get(loop, (0, 0))
             try:
                 await self.services.hub.broadcast(topic, event, payload)
             except BrokerUnavailable as exc:
                 log.warning("loop push to %s lost: %s", topic, exc)
+                failed += 1
+            self.delivery[loop] = (attempted + 1, failed)

@@ -1,6 +1,7 @@
 """The orchestrator: may this loop prompt be shown to this person now? One call per prompt, recorded.
 
-Order: the compliance gate first (metrics.compliance: opt-out, minors and consent, rate limits,
+Order: a loop paused by the guardrails or an admin refuses everything (`loop_paused`); then the
+compliance gate (metrics.compliance: opt-out, minors and consent, rate limits,
 quiet hours), then the loops' own pacing for the recipient:
 - `daily_cap`: at most `daily_cap` (3) loop prompts per user per rolling 24 h;
 - `cooldown`: per loop, no new prompt of that loop within its cooldown (buddy_challenge 4 h,
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics.compliance import ComplianceRules, SocialAction, Verdict, check
+from metrics.guardrails import loop_paused
 from store import PromptDecision
 
 UPDATE = "update"
@@ -49,7 +51,10 @@ class Orchestrator:
     async def decide(
         self, session: AsyncSession, action: SocialAction, now: datetime, *, update: bool = False
     ) -> Verdict:
-        verdict = await check(session, action, now, self.rules.compliance)
+        if await loop_paused(session, action.loop):
+            verdict = Verdict(False, "loop_paused")  # the guardrails (or an admin) switched it off
+        else:
+            verdict = await check(session, action, now, self.rules.compliance)
         if verdict.allowed and not update and action.recipient_id is not None:
             verdict = await self._pace(session, action, now)
         session.add(

@@ -27,6 +27,7 @@ EVENT_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     "first_value": {},
     "reaction": {},
     "opt_out": {},
+    "complaint": {},  # a user reports a loop's message: props.loop, props.reason
     "experiment_exposure": {"experiment": (str,), "variant": (str,)},
 }
 

@@ -218,3 +218,48 @@ def _push_changed(viewers: Iterable[Viewer], view: dict[str, Any]) -> int:
             viewer.push("metrics_update", view)
             pushed += 1
     return pushed
+
+
+GUARDRAILS_TOPIC = "__guardrails__"
+
+
+class GuardrailsDashboard(ChangeListener):
+    """`dashboard:guardrails`: the guardrails report (as `GET /api/guardrails`) on join, then
+    `metrics_update` when an evaluation, an alert or an unpause changed it (≤ 1 per interval)."""
+
+    def __init__(self, hub: Hub, database: Database, config: Any, interval: float = 1.0) -> None:
+        super().__init__(hub, GUARDRAILS_TOPIC, interval, "guardrails-dashboard")
+        self.database = database
+        self.config = config
+        self.clock: Any = None  # set by the app: the loops' clock
+        self._viewers: set[Viewer] = set()
+        self._dirty = False
+
+    async def changed(self) -> None:
+        try:
+            await self.hub.publish_raw(GUARDRAILS_TOPIC, b"1")
+        except BrokerUnavailable as exc:
+            log.debug("could not announce a guardrails change: %s", exc)
+
+    async def report(self) -> dict[str, Any]:
+        from .guardrails import report
+
+        now = self.clock.now() if self.clock is not None else datetime.now(UTC)
+        async with self.database.session() as session:
+            return await report(session, now, self.config)
+
+    def watch(self, viewer: Viewer) -> None:
+        self._viewers.add(viewer)
+
+    def unwatch(self, viewer: Viewer) -> None:
+        self._viewers.discard(viewer)
+
+    def note(self, raw: bytes) -> None:
+        self._dirty = True
+        self.wake()
+
+    async def tick(self) -> bool:
+        if not (self._dirty and self._viewers):
+            return False
+        self._dirty = False
+        return _push_changed(self._viewers, await self.report()) > 0

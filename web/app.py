@@ -24,11 +24,11 @@ from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api, experiments_api, links_api, loops_api, metrics_api
+from . import events_api, experiments_api, guardrails_api, links_api, loops_api, metrics_api
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
-from .pipeline import build_loops, build_runner, build_scheduler
+from .pipeline import build_guardrails, build_loops, build_runner, build_scheduler
 from .prometheus import build_registry
 from .responses import ORJSONResponse, read_json
 
@@ -132,6 +132,9 @@ def create_app(
         else None
     )
     scheduler = build_scheduler(settings, database, engine) if embedded else None
+    guardrails_dashboard, guardrail_jobs = build_guardrails(settings, database, endpoint.hub, engine)
+    if scheduler is not None:
+        guardrail_jobs.register(scheduler)
     tracker = PresenceTracker(endpoint.hub, settings.presence)
     endpoint.context = ChannelContext(
         presence=tracker,
@@ -141,6 +144,7 @@ def create_app(
         board_watcher=board_watcher,
         k_factor=k_factor,
         experiments=experiments_dashboard,
+        guardrails=guardrails_dashboard,
         loops=engine,
         pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
     )
@@ -159,6 +163,7 @@ def create_app(
         await board_watcher.start()
         await k_factor.start()
         await experiments_dashboard.start()
+        await guardrails_dashboard.start()
         if runner is not None:
             await runner.start()
         if scheduler is not None:
@@ -176,6 +181,7 @@ def create_app(
             await engine.services.copy.close()
             await k_factor.stop()
             await experiments_dashboard.stop()
+            await guardrails_dashboard.stop()
             await board_watcher.stop()
             await tracker.stop()
             await endpoint.stop()
@@ -196,6 +202,7 @@ def create_app(
         *metrics_api.routes,
         *loops_api.routes,
         *experiments_api.routes,
+        *guardrails_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
@@ -206,6 +213,8 @@ def create_app(
     app.state.ingest = ingest
     app.state.k_factor = k_factor
     app.state.experiments_dashboard = experiments_dashboard
+    app.state.guardrails_dashboard = guardrails_dashboard
+    app.state.guardrail_jobs = guardrail_jobs
     app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
     app.state.runner = runner
     app.state.loops = engine

@@ -86,7 +86,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from realtime import Hub, RealtimeStats, broker_from_url
     from store import Database
 
-    from .pipeline import build_loops, build_runner, build_scheduler
+    from .pipeline import build_guardrails, build_loops, build_runner, build_scheduler
 
     if settings.broker_url.startswith("memory://"):
         print(
@@ -105,6 +105,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         engine = build_loops(settings, database, hub, ingest)
         runner = build_runner(settings, database, stream, ingest, hub, leaderboards, engine)
         scheduler = build_scheduler(settings, database, engine)
+        _, guardrail_jobs = build_guardrails(settings, database, hub, engine)
+        guardrail_jobs.register(scheduler)
         await runner.start()
         await engine.start()
         await scheduler.start()

@@ -105,6 +105,10 @@ class Settings:
     ai_daily_budget_usd: float = 5.0
     loops_config: str = ""  # JSON object overriding loops.LoopConfig
     scheduler_poll: float = 1.0
+    guardrail_thresholds: str = ""  # JSON list overriding metrics.guardrails.THRESHOLDS
+    guardrail_webhook_url: str = ""
+    guardrail_webhook_secret: str = ""  # defaults to a key derived from SECRET_KEY
+    guardrails_every: float = 60.0
     limits: SocketLimits = field(default_factory=SocketLimits)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     max_body_bytes: int = 1 << 20
@@ -150,6 +154,16 @@ class Settings:
         providers = env.get("AI_PROVIDERS", "").strip()
         loops_config = env.get("LOOPS_CONFIG", "").strip()
         _check_loops(providers, loops_config)
+        thresholds = env.get("GUARDRAIL_THRESHOLDS", "").strip()
+        try:
+            from metrics.guardrails import thresholds_from_json
+
+            thresholds_from_json(thresholds)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"GUARDRAIL_THRESHOLDS: {exc}") from None
+        webhook = env.get("GUARDRAIL_WEBHOOK_URL", "").strip()
+        if webhook and not webhook.startswith(("http://", "https://")):
+            raise ConfigError("GUARDRAIL_WEBHOOK_URL must be an http(s) URL")
         return cls(
             env=mode,
             database_url=env.get("DATABASE_URL", "sqlite+aiosqlite:///./viral.db"),
@@ -161,6 +175,10 @@ class Settings:
             ai_daily_budget_usd=_float(env, "AI_DAILY_BUDGET_USD", 5.0),
             loops_config=loops_config,
             scheduler_poll=_float(env, "SCHEDULER_POLL", 1.0),
+            guardrail_thresholds=thresholds,
+            guardrail_webhook_url=webhook,
+            guardrail_webhook_secret=env.get("GUARDRAIL_WEBHOOK_SECRET", ""),
+            guardrails_every=_float(env, "GUARDRAILS_EVERY", 60.0),
             limits=limits,
             presence=presence,
             events_maintenance_every=_float(env, "EVENTS_MAINTENANCE_EVERY", 10.0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 
 from channels import FeedConsumer, LeaderboardConsumer, Leaderboards
@@ -11,13 +12,15 @@ from loops.scheduler import Scheduler
 from metrics import ConsumerRunner, EventIn, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
 from metrics.experiments import ExperimentConsumer
+from metrics.guardrails import GuardrailConfig, thresholds_from_json
 from metrics.links import LinkSigner
-from metrics.live import ExperimentsDashboard, KFactorDashboard
+from metrics.live import ExperimentsDashboard, GuardrailsDashboard, KFactorDashboard
 from metrics.rewards import Paid
 from realtime import Hub
 from store import Database
 
 from .config import Settings
+from .guardrails_api import GuardrailJobs
 
 
 async def push_reward(hub: Hub, paid: Paid) -> None:
@@ -47,6 +50,27 @@ def build_loops(
         clock=clock or SystemClock(),
     )
     return build_engine(services)
+
+
+def build_guardrails(
+    settings: Settings, database: Database, hub: Hub, engine: LoopEngine
+) -> tuple[GuardrailsDashboard, GuardrailJobs]:
+    """The guardrails' dashboard feed and timed jobs; their setup runs with the loops' setup."""
+    secret = (
+        settings.guardrail_webhook_secret
+        or hashlib.sha256(b"guardrail-webhook\x00" + settings.secret_key.encode()).hexdigest()
+    )
+    config = GuardrailConfig(
+        thresholds=thresholds_from_json(settings.guardrail_thresholds),
+        webhook_url=settings.guardrail_webhook_url,
+        webhook_secret=secret,
+        delivery=engine.delivery,
+    )
+    dashboard = GuardrailsDashboard(hub, database, config)
+    dashboard.clock = engine.services.clock
+    jobs = GuardrailJobs(database, dashboard, config, engine.services.clock, every=settings.guardrails_every)
+    engine.setups.append(jobs.setup)
+    return dashboard, jobs
 
 
 def build_scheduler(settings: Settings, database: Database, engine: LoopEngine) -> Scheduler:

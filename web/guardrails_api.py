@@ -1,0 +1,297 @@
+"""Guardrails and compliance over HTTP, and the guardrails' timed jobs.
+
+Admin: `GET /api/guardrails` (the report `dashboard:guardrails` pushes), `POST /api/guardrails/check`
+(evaluate now), `POST /api/guardrails/unpause {"scope": "loop:NAME" | "experiment:KEY"}`,
+`GET /api/alerts?state=open|resolved`, `GET /api/guardrails/summary?format=json|csv|html` (the weekly
+summary for the last 7 days).
+Consent: `POST /api/users/{id}/consent {"method", "parent_id"?}` and `DELETE …/consent` — an admin,
+or the parent named in the child's profile; audited. Opt-out: `POST /api/users/{id}/opt-out` and
+`/opt-in` — the user, their parent, or an admin; audited (opting out is also an `opt_out` event, so
+every consumer hides them at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from loops.scheduler import schedule
+from metrics import EventIn, guardrails
+from metrics.guardrails import GuardrailConfig, LogSender, Sender
+from metrics.live import GuardrailsDashboard
+from store import Alert, AuditLog, Consent, Database, LoopJob, User
+
+from .auth import claims_from_request, require_role
+from .responses import ORJSONResponse, read_json
+
+log = logging.getLogger(__name__)
+
+
+class GuardrailJobs:
+    """The scheduler jobs: `guardrails_check` every `every` seconds and `guardrails_weekly` on Mondays
+    08:00 UTC; each schedules its next run (idempotent keys), so exactly one worker runs each."""
+
+    def __init__(
+        self,
+        database: Database,
+        dashboard: GuardrailsDashboard,
+        config: GuardrailConfig,
+        clock: Any,
+        sender: Sender | None = None,
+        every: float = 60.0,
+    ) -> None:
+        self.database = database
+        self.dashboard = dashboard
+        self.config = config
+        self.clock = clock
+        self.sender: Sender = sender or LogSender()
+        self.every = timedelta(seconds=every)
+
+    def register(self, scheduler: Any) -> None:
+        scheduler.register("guardrails_check", self.check_job)
+        scheduler.register("guardrails_weekly", self.weekly_job)
+
+    async def setup(self, session: AsyncSession) -> None:
+        now = self.clock.now()
+        await self._next_check(session, now)
+        await self._next_weekly(session, now)
+
+    async def _next_check(self, session: AsyncSession, after: datetime) -> None:
+        at = after + self.every
+        await schedule(session, "guardrails_check", at, {}, f"guardrails_check:{at.isoformat()}")
+
+    async def _next_weekly(self, session: AsyncSession, after: datetime) -> None:
+        monday = (after - timedelta(days=after.weekday())).replace(hour=8, minute=0, second=0, microsecond=0)
+        at = monday if monday > after else monday + timedelta(days=7)
+        await schedule(session, "guardrails_weekly", at, {}, f"guardrails_weekly:{at.date().isoformat()}")
+
+    async def check_job(self, session: AsyncSession, job: LoopJob) -> Any:
+        now = self.clock.now()
+        await self._next_check(session, max(job.run_at, now - self.every))
+        # Finished jobs are kept a week for inspection, then dropped (a check a minute adds up).
+        await session.execute(
+            delete(LoopJob).where(LoopJob.status == "done", LoopJob.finished_at < now - timedelta(days=7))
+        )
+        return await self.check(session)
+
+    async def check(self, session: AsyncSession) -> Any:
+        """Evaluate in `session`; after the commit, send the new alerts' webhooks and tell the dashboards."""
+        opened = await guardrails.evaluate(session, self.clock.now(), self.config)
+        payloads = [guardrails.alert_json(a) for a in opened]
+
+        async def after() -> None:
+            for payload in payloads:
+                status = await guardrails.deliver(self.config, {"type": "guardrail_alert", "alert": payload})
+                async with self.database.session() as s, s.begin():
+                    alert = await s.get(Alert, payload["id"])
+                    if alert is not None:
+                        alert.webhook_status = status
+            await self.dashboard.changed()
+
+        return after
+
+    async def weekly_job(self, session: AsyncSession, job: LoopJob) -> Any:
+        await self._next_weekly(session, job.run_at)
+        summary = await guardrails.weekly_summary(session, self.clock.now(), self.config)
+
+        async def after() -> None:
+            await self.sender.send(
+                f"Guardrails weekly summary, {summary['week_ending'][:10]}",
+                guardrails.summary_html(summary),
+                guardrails.summary_text(summary),
+            )
+
+        return after
+
+
+def _jobs(request: Request) -> GuardrailJobs:
+    jobs: GuardrailJobs = request.app.state.guardrail_jobs
+    return jobs
+
+
+async def get_report(request: Request) -> Response:
+    require_role(request, "admin")
+    return ORJSONResponse(await request.app.state.guardrails_dashboard.report())
+
+
+async def check_now(request: Request) -> Response:
+    require_role(request, "admin")
+    jobs = _jobs(request)
+    async with request.app.state.database.session() as session, session.begin():
+        after = await jobs.check(session)
+    await after()
+    return ORJSONResponse(await request.app.state.guardrails_dashboard.report())
+
+
+async def unpause(request: Request) -> Response:
+    claims = require_role(request, "admin")
+    body = await read_json(request, 4096)
+    scope = body.get("scope") if isinstance(body, dict) else None
+    if not isinstance(scope, str) or not scope.startswith(("loop:", "experiment:")):
+        raise HTTPException(422, 'scope must be "loop:NAME" or "experiment:KEY"')
+    async with request.app.state.database.session() as session, session.begin():
+        done = await guardrails.unpause(session, scope, str(claims["sub"]), request.app.state.clock.now())
+    if not done:
+        raise HTTPException(409, f"{scope} is not paused")
+    await request.app.state.guardrails_dashboard.changed()
+    if scope.startswith("experiment:"):
+        await request.app.state.experiments_dashboard.changed([scope.removeprefix("experiment:")])
+    return ORJSONResponse({"scope": scope, "paused": False})
+
+
+async def alerts(request: Request) -> Response:
+    require_role(request, "admin")
+    state = request.query_params.get("state")
+    query = select(Alert).order_by(Alert.created_at.desc(), Alert.id.desc()).limit(500)
+    if state is not None:
+        if state not in ("open", "resolved"):
+            raise HTTPException(422, "state must be open or resolved")
+        query = query.where(Alert.state == state)
+    async with request.app.state.database.session() as session:
+        rows = (await session.scalars(query)).all()
+    return ORJSONResponse({"alerts": [guardrails.alert_json(a) for a in rows]})
+
+
+async def summary(request: Request) -> Response:
+    require_role(request, "admin")
+    jobs = _jobs(request)
+    async with request.app.state.database.session() as session:
+        data = await guardrails.weekly_summary(session, request.app.state.clock.now(), jobs.config)
+    fmt = request.query_params.get("format", "json")
+    if fmt == "csv":
+        return Response(guardrails.summary_csv(data), media_type="text/csv")
+    if fmt == "html":
+        return Response(guardrails.summary_html(data), media_type="text/html")
+    return ORJSONResponse(data)
+
+
+# Consent and opt-out.
+
+
+async def _may_act_for(request: Request, user_id: str, *, self_ok: bool) -> dict[str, Any]:
+    claims = claims_from_request(request)
+    me = str(claims["sub"])
+    if claims.get("role") == "admin" or (self_ok and me == user_id):
+        return claims
+    async with request.app.state.database.session() as session:
+        child = await session.get(User, user_id)
+    if claims.get("role") == "parent" and child is not None and child.parent_id == me:
+        return claims
+    raise HTTPException(403, "only the user, their parent or an admin may do this")
+
+
+async def grant_consent(request: Request) -> Response:
+    user_id = request.path_params["user_id"]
+    claims = await _may_act_for(request, user_id, self_ok=False)
+    body = await read_json(request, 4096)
+    method = body.get("method") if isinstance(body, dict) else None
+    if not isinstance(method, str) or not 1 <= len(method) <= 32:
+        raise HTTPException(422, 'method must say how consent was verified, e.g. "signed_form", "card_check"')
+    parent = body.get("parent_id", claims["sub"] if claims.get("role") == "parent" else None)
+    if not isinstance(parent, str) or not parent:
+        raise HTTPException(422, "parent_id is required")
+    now = request.app.state.clock.now()
+    async with request.app.state.database.session() as session, session.begin():
+        consent = await session.get(Consent, user_id)
+        if consent is None:
+            session.add(Consent(user_id=user_id, parent_id=parent, method=method, granted_at=now))
+        else:
+            consent.parent_id, consent.method, consent.granted_at, consent.revoked_at = (
+                parent,
+                method,
+                now,
+                None,
+            )
+        session.add(
+            AuditLog(
+                actor=str(claims["sub"]),
+                action="consent_granted",
+                subject=user_id,
+                details={"parent_id": parent, "method": method},
+                at=now,
+            )
+        )
+    return ORJSONResponse({"user_id": user_id, "consent": True, "parent_id": parent, "method": method})
+
+
+async def revoke_consent(request: Request) -> Response:
+    user_id = request.path_params["user_id"]
+    claims = await _may_act_for(request, user_id, self_ok=False)
+    now = request.app.state.clock.now()
+    async with request.app.state.database.session() as session, session.begin():
+        consent = await session.get(Consent, user_id)
+        if consent is None or consent.revoked_at is not None:
+            raise HTTPException(404, "no consent on record")
+        consent.revoked_at = now
+        session.add(AuditLog(actor=str(claims["sub"]), action="consent_revoked", subject=user_id, at=now))
+    return ORJSONResponse({"user_id": user_id, "consent": False})
+
+
+async def opt_out(request: Request) -> Response:
+    user_id = request.path_params["user_id"]
+    claims = await _may_act_for(request, user_id, self_ok=True)
+    now = request.app.state.clock.now()
+    event = EventIn(f"opt-out-{user_id}-{int(now.timestamp())}"[:64], "opt_out", user_id, now, {"via": "api"})
+    await request.app.state.ingest.ingest([event], actor_id=str(claims["sub"]))
+    async with request.app.state.database.session() as session, session.begin():
+        session.add(AuditLog(actor=str(claims["sub"]), action="opted_out", subject=user_id, at=now))
+    return ORJSONResponse({"user_id": user_id, "opted_out": True})
+
+
+async def opt_in(request: Request) -> Response:
+    user_id = request.path_params["user_id"]
+    claims = await _may_act_for(request, user_id, self_ok=True)
+    now = request.app.state.clock.now()
+    async with request.app.state.database.session() as session, session.begin():
+        user = await session.get(User, user_id)
+        if user is None or not user.opted_out:
+            raise HTTPException(409, "not opted out")
+        user.opted_out, user.updated_at = False, now
+        session.add(AuditLog(actor=str(claims["sub"]), action="opted_in", subject=user_id, at=now))
+    return ORJSONResponse({"user_id": user_id, "opted_out": False})
+
+
+async def audit(request: Request) -> Response:
+    require_role(request, "admin")
+    subject = request.query_params.get("subject")
+    query = select(AuditLog).order_by(AuditLog.id.desc()).limit(500)
+    if subject:
+        query = query.where(AuditLog.subject == subject)
+    async with request.app.state.database.session() as session:
+        rows = (await session.scalars(query)).all()
+    return ORJSONResponse(
+        {
+            "audit": [
+                {
+                    "actor": r.actor,
+                    "action": r.action,
+                    "subject": r.subject,
+                    "details": r.details,
+                    "at": r.at.isoformat(),
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
+routes = [
+    Route("/api/guardrails", get_report, methods=["GET"]),
+    Route("/api/guardrails/check", check_now, methods=["POST"]),
+    Route("/api/guardrails/unpause", unpause, methods=["POST"]),
+    Route("/api/guardrails/summary", summary, methods=["GET"]),
+    Route("/api/alerts", alerts, methods=["GET"]),
+    Route("/api/audit", audit, methods=["GET"]),
+    Route("/api/users/{user_id}/consent", grant_consent, methods=["POST"]),
+    Route("/api/users/{user_id}/consent", revoke_consent, methods=["DELETE"]),
+    Route("/api/users/{user_id}/opt-out", opt_out, methods=["POST"]),
+    Route("/api/users/{user_id}/opt-in", opt_in, methods=["POST"]),
+]
