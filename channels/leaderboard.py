@@ -113,6 +113,7 @@ class BoardStore(Protocol):
     async def standing(self, key: str, member: str) -> Standing | None: ...
     async def set_label(self, member: str, label: Label) -> None: ...
     async def labels(self, members: Sequence[str]) -> dict[str, Label]: ...
+    async def forget(self, member: str) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -147,6 +148,12 @@ class MemoryBoards:
 
     async def labels(self, members: Sequence[str]) -> dict[str, Label]:
         return {m: self._labels.get(m, ANONYMOUS) for m in members}
+
+    async def forget(self, member: str) -> int:
+        """Take `member` off every board, of every period, and drop their label; returns the boards."""
+        boards = sum(1 for board in self._boards.values() if board.pop(member, None) is not None)
+        self._labels.pop(member, None)
+        return boards
 
     async def close(self) -> None:
         return None
@@ -198,6 +205,14 @@ class RedisBoards:
             return {}
         values = await self._redis.hmget(self.LABELS, list(members))
         return {m: Label.load(v) for m, v in zip(members, values, strict=True)}
+
+    async def forget(self, member: str) -> int:
+        """Take `member` off every board, of every period, and drop their label; returns the boards."""
+        boards = 0
+        async for key in self._redis.scan_iter(match="lb:*", _type="zset", count=500):
+            boards += int(await self._redis.zrem(key, member))
+        await self._redis.hdel(self.LABELS, member)
+        return boards
 
     async def close(self) -> None:
         await self._redis.aclose()

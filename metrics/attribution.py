@@ -12,7 +12,10 @@ from the attribution cookie `/r/{token}` set or given explicitly — and optiona
   links whose signature still verifies (a tampered token converts nobody);
 - `first_value` marks the conversion activated (the first one counts);
 - an `invite_sent` whose `link_token` is the sender's own valid link records when the link was first
-  sent (`links.sent_at`): cycle time runs from there (from the link's creation when never sent).
+  sent (`links.sent_at`): cycle time runs from there (from the link's creation when never sent);
+- every conversion is assessed by the fraud signals (metrics.fraud) and recorded as `ok`, `pending`
+  or `flagged` with its reasons; only an `ok` one pays the referral rewards (a held one when an admin
+  approves it, `metrics.fraud.review`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from store import Click, Conversion, Link
 
+from .fraud import OK, Candidate, FraudRules, assess, pay_referral
 from .links import DEFAULT_TTL, LinkError, LinkSigner
 from .rewards import Paid, pay
 
@@ -73,6 +77,7 @@ class AttributionConsumer:
         model: str = "last_touch",
         notify: Callable[[], Awaitable[None]] | None = None,
         reward: Callable[[Paid], Awaitable[None]] | None = None,
+        rules: FraudRules | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"attribution model must be one of {MODELS}")
@@ -80,6 +85,7 @@ class AttributionConsumer:
         self.model = model
         self.notify = notify  # told after every batch: the growth numbers' inputs moved
         self.reward = reward  # tells a referrer what they earned (a `reward` push on user:{id})
+        self.rules = rules or FraudRules()
 
     async def handle(
         self, events: list[dict[str, Any]], session: AsyncSession
@@ -89,24 +95,20 @@ class AttributionConsumer:
             at = datetime.fromisoformat(event["ts"])
             if event["type"] == "signup":
                 conversion = await self._signup(event, session)
-                if conversion is not None:
-                    paid.append(
-                        await pay(session, conversion.referrer_id, "referral_signup", conversion.user_id, at)
-                    )
-                    if conversion.source == "proud_parent":  # both families get a free session
-                        for family in (conversion.referrer_id, conversion.user_id):
-                            paid.append(await pay(session, family, "parent_referral", conversion.user_id, at))
+                if conversion is not None:  # held or flagged ones pay nothing (pay_referral checks)
+                    paid.extend(await pay_referral(session, conversion, at))
             elif event["type"] == "invite_sent":
                 await self._invite_sent(event, session, at)
             elif event["type"] == "first_value":
                 conversion = await session.get(Conversion, event["user_id"])
                 if conversion is not None and conversion.activated_at is None:
                     conversion.activated_at = at
-                    paid.append(
-                        await pay(
-                            session, conversion.referrer_id, "referral_activated", conversion.user_id, at
+                    if conversion.status == OK:  # a held one is paid this when approved
+                        paid.append(
+                            await pay(
+                                session, conversion.referrer_id, "referral_activated", conversion.user_id, at
+                            )
                         )
-                    )
         rewards = [p for p in paid if p is not None]
 
         async def after() -> None:
@@ -141,13 +143,14 @@ class AttributionConsumer:
         link = await self._verified_link(token, session, signup_at)
         if link is None:
             return None
-        touched_at = await self._touch(link, visitor, signup_at, session)
-        if touched_at is None:
+        touch = await self._touch(link, visitor, signup_at, session)
+        if touch is None:
             return None
+        touched_at, click = touch
         if self.model == "first_touch" and visitor is not None:
             first = (
                 await session.execute(
-                    select(Link, Click.clicked_at)
+                    select(Link, Click)
                     .join(Click, Click.nonce == Link.nonce)
                     .where(
                         Click.visitor == visitor,
@@ -159,9 +162,24 @@ class AttributionConsumer:
                 )
             ).first()
             if first is not None:
-                link, touched_at = first
+                link, click = first
+                touched_at = click.clicked_at
         if link.referrer_id == new_user:
             return None  # nobody refers themselves
+        status, reasons = await assess(
+            session,
+            Candidate(
+                user_id=new_user,
+                referrer_id=link.referrer_id,
+                nonce=link.nonce,
+                signup_at=signup_at,
+                props=props,
+                # The touch click is the new user's own when the signup names its visitor.
+                touch_ip_hash=click.ip_hash if click is not None and visitor is not None else None,
+                touch_net_hash=click.net_hash if click is not None else None,
+            ),
+            self.rules,
+        )
         conversion = Conversion(
             user_id=new_user,
             referrer_id=link.referrer_id,
@@ -171,6 +189,8 @@ class AttributionConsumer:
             touched_at=touched_at,
             signup_at=signup_at,
             signup_event_id=event["id"],
+            status=status,
+            fraud_reasons=reasons,
         )
         session.add(conversion)
         await session.flush()
@@ -194,10 +214,11 @@ class AttributionConsumer:
     @staticmethod
     async def _touch(
         link: Link, visitor: str | None, signup_at: datetime, session: AsyncSession
-    ) -> datetime | None:
-        query = select(Click.clicked_at).where(Click.nonce == link.nonce, Click.clicked_at <= signup_at)
+    ) -> tuple[datetime, Click | None] | None:
+        """The touch and its click (none when the link was passed on without one), if in the window."""
+        query = select(Click).where(Click.nonce == link.nonce, Click.clicked_at <= signup_at)
         if visitor is not None:
             query = query.where(Click.visitor == visitor)
-        clicked = await session.scalar(query.order_by(Click.clicked_at.desc()).limit(1))
-        touched = clicked if clicked is not None else link.created_at
-        return touched if signup_at - WINDOW <= touched <= signup_at else None
+        click = await session.scalar(query.order_by(Click.clicked_at.desc()).limit(1))
+        touched = click.clicked_at if click is not None else link.created_at
+        return (touched, click) if signup_at - WINDOW <= touched <= signup_at else None

@@ -8,13 +8,19 @@ For a window of `days` ending at `now`:
 - active_users, the base: distinct users with any event, less those whose `signup` is in the window;
 - K = invites_sent / active_users x signups / invites_sent (0 when a denominator is 0). Per source,
   numerators are that source's and the base stays the same, so the sources' K add up to K.
+
+Fraud (metrics.fraud): every number above counts all conversions (raw). The `*_filtered` values
+(`k_factor_filtered`, `signups_filtered`, `activated_filtered`, `conversion_rate_filtered`,
+`k_per_referrer_filtered`; per source, per day and per top referrer too) count only the `ok` ones;
+`flagged` and `pending` count the held ones whose signup is in the window. They come from the same
+grouped conversions query (conditional counts), so they cost nothing extra.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Select, and_, case, delete, distinct, func, insert, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,6 +29,23 @@ from store import Click, Conversion, Event, Link, UserActivity
 
 PERIODS = (7, 14, 30, 90)
 COHORT_DAYS = 30
+
+
+class Converted(NamedTuple):
+    """Conversions of one (UTC day, source): all of them, and by fraud status."""
+
+    day: str
+    source: str
+    signups: int
+    activated: int
+    ok: int  # status "ok": what the filtered numbers count
+    ok_activated: int
+    flagged: int
+    pending: int
+
+
+def _ok() -> Any:
+    return Conversion.status == "ok"
 
 
 def _sent(link: type[Link]) -> Any:
@@ -108,13 +131,13 @@ async def _quantile_hours(session: AsyncSession, start: datetime, end: datetime,
 
 
 def _seconds_between(session: AsyncSession, earlier: Any, later: Any) -> Any:
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         return func.extract("epoch", later - earlier)
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
 
 def _day(session: AsyncSession, column: Any) -> Any:
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
     return func.strftime("%Y-%m-%d", column)
 
@@ -127,8 +150,9 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
     invites = await _by_day_and_source(session, start, end)
     conversions = await _conversions_by_day_and_source(session, start, end)
     invites_sent = sum(n for _, _, n in invites)
-    signups = sum(n for _, _, n, _ in conversions)
-    activated = sum(a for _, _, _, a in conversions)
+    signups = sum(c.signups for c in conversions)
+    activated = sum(c.activated for c in conversions)
+    signups_ok = sum(c.ok for c in conversions)
     referrers = await _scalar(
         session, select(func.count(distinct(Event.user_id))).where(Event.type == "invite_sent", in_window)
     )
@@ -144,16 +168,18 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
     base = await active_users(session, start, end)
     invites_per_user = ratio(invites_sent, base)
     conversion_rate = ratio(signups, invites_sent)
+    conversion_rate_ok = ratio(signups_ok, invites_sent)
 
     invites_by_source: dict[str | None, int] = {}
     for _, name, n in invites:
         invites_by_source[name] = invites_by_source.get(name, 0) + n
-    signups_by_source: dict[str | None, int] = {}
-    for _, name, n, _ in conversions:
-        signups_by_source[name] = signups_by_source.get(name, 0) + n
+    signups_by_source: dict[str | None, tuple[int, int]] = {}
+    for c in conversions:
+        n, ok = signups_by_source.get(c.source, (0, 0))
+        signups_by_source[c.source] = (n + c.signups, ok + c.ok)
     by_source = []
     for name in sorted(set(invites_by_source) | set(signups_by_source), key=lambda s: (s is None, s or "")):
-        sent, won = invites_by_source.get(name, 0), signups_by_source.get(name, 0)
+        sent, (won, won_ok) = invites_by_source.get(name, 0), signups_by_source.get(name, (0, 0))
         by_source.append(
             {
                 "source": name or "unknown",
@@ -161,6 +187,8 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
                 "invites_sent": sent,
                 "signups": won,
                 "conversion_rate": ratio(won, sent),
+                "k_factor_filtered": ratio(sent, base) * ratio(won_ok, sent),
+                "signups_filtered": won_ok,
             }
         )
     median, p90 = await _cycle_hours(session, start, end)
@@ -182,6 +210,13 @@ async def k_factor_report(session: AsyncSession, days: int, now: datetime) -> di
         "timeline": await _timeline(session, start, end, invites, conversions),
         "top_referrers": await _top_referrers(session, start, end, in_window),
         "cycle_time": {"median_hours": median, "p90_hours": p90},
+        "k_factor_filtered": invites_per_user * conversion_rate_ok,
+        "signups_filtered": signups_ok,
+        "activated_filtered": sum(c.ok_activated for c in conversions),
+        "conversion_rate_filtered": conversion_rate_ok,
+        "k_per_referrer_filtered": ratio(signups_ok, referrers),
+        "flagged": sum(c.flagged for c in conversions),
+        "pending": sum(c.pending for c in conversions),
     }
 
 
@@ -199,14 +234,23 @@ async def _by_day_and_source(
 
 async def _conversions_by_day_and_source(
     session: AsyncSession, start: datetime, end: datetime
-) -> list[tuple[str, str, int, int]]:
+) -> list[Converted]:
     day = _day(session, Conversion.signup_at)
     rows = await session.execute(
-        select(day, Conversion.source, func.count(), func.count(Conversion.activated_at))
+        select(
+            day,
+            Conversion.source,
+            func.count(),
+            func.count(Conversion.activated_at),
+            func.count(case((_ok(), 1))),
+            func.count(case((_ok(), Conversion.activated_at))),
+            func.count(case((Conversion.status == "flagged", 1))),
+            func.count(case((Conversion.status == "pending", 1))),
+        )
         .where(Conversion.signup_at >= start, Conversion.signup_at < end)
         .group_by(day, Conversion.source)
     )
-    return [(d, s, int(n), int(a)) for d, s, n, a in rows.all()]
+    return [Converted(d, s, *(int(v) for v in counts)) for d, s, *counts in rows.all()]
 
 
 async def _cycle_hours(
@@ -214,7 +258,7 @@ async def _cycle_hours(
 ) -> tuple[float | None, float | None]:
     """Median and p90 of signup - invite (link made) time in hours, interpolated between the two
     nearest ranks (PostgreSQL's percentile_cont; on SQLite the same by ORDER BY … OFFSET)."""
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         seconds = func.extract("epoch", Conversion.signup_at - _sent(Link))
         row = (
             await session.execute(
@@ -251,10 +295,10 @@ async def _timeline(
     start: datetime,
     end: datetime,
     invites: list[tuple[str, str | None, int]],
-    conversions: list[tuple[str, str, int, int]],
+    conversions: list[Converted],
 ) -> list[dict[str, Any]]:
     click_day = _day(session, Click.clicked_at)
-    clicks = dict(
+    clicks: dict[str, int] = dict(
         (
             await session.execute(
                 select(click_day, func.count())
@@ -266,9 +310,10 @@ async def _timeline(
     sent: dict[str, int] = {}
     for day_key, _, n in invites:
         sent[day_key] = sent.get(day_key, 0) + n
-    signed: dict[str, int] = {}
-    for day_key, _, n, _ in conversions:
-        signed[day_key] = signed.get(day_key, 0) + n
+    signed: dict[str, tuple[int, int]] = {}
+    for c in conversions:
+        n, ok = signed.get(c.day, (0, 0))
+        signed[c.day] = (n + c.signups, ok + c.ok)
     days = []
     day = start.date()
     while day <= (end - timedelta(microseconds=1)).date():
@@ -278,7 +323,8 @@ async def _timeline(
                 "date": key,
                 "invites_sent": sent.get(key, 0),
                 "clicks": int(clicks.get(key, 0)),
-                "signups": signed.get(key, 0),
+                "signups": signed.get(key, (0, 0))[0],
+                "signups_filtered": signed.get(key, (0, 0))[1],
             }
         )
         day += timedelta(days=1)
@@ -291,7 +337,7 @@ async def _top_referrers(
     won = func.count().label("conversions")
     rows = (
         await session.execute(
-            select(Conversion.referrer_id, won)
+            select(Conversion.referrer_id, won, func.count(case((_ok(), 1))))
             .where(Conversion.signup_at >= start, Conversion.signup_at < end)
             .group_by(Conversion.referrer_id)
             .order_by(won.desc(), Conversion.referrer_id)
@@ -315,8 +361,9 @@ async def _top_referrers(
             "conversions": int(n),
             "invites_sent": int(sent.get(user, 0)),
             "conversion_rate": ratio(n, sent.get(user, 0)),
+            "conversions_filtered": int(ok),
         }
-        for user, n in rows
+        for user, n, ok in rows
     ]
 
 
@@ -330,8 +377,8 @@ async def _cohorts(session: AsyncSession, start: datetime, end: datetime) -> lis
         .subquery()
     )
     week = _week(session, signup.c.signed_up)
-    sizes = dict((await session.execute(select(week, func.count()).group_by(week))).all())
-    brought = dict(
+    sizes: dict[str, int] = dict((await session.execute(select(week, func.count()).group_by(week))).all())
+    brought: dict[str, int] = dict(
         (
             await session.execute(
                 select(week, func.count())
@@ -358,7 +405,7 @@ async def _cohorts(session: AsyncSession, start: datetime, end: datetime) -> lis
 
 def _week(session: AsyncSession, column: Any) -> Any:
     """The Monday (UTC) starting the column's ISO week, as YYYY-MM-DD."""
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.date_trunc("week", func.timezone("UTC", column)), "YYYY-MM-DD")
     return func.date(column, "weekday 0", "-6 days")
 
@@ -380,7 +427,8 @@ def band(k: float) -> str:
 
 
 async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> list[dict[str, Any]]:
-    """Per loop (source): K, conversion rate, conversions per referrer, median cycle time, and a band."""
+    """Per loop (source): K, conversion rate, conversions per referrer, mean cycle time, and a band (all
+    conversions); K and signups also fraud-filtered (`ok` conversions only)."""
     start, end = now - timedelta(days=days), now
     base = await active_users(session, start, end)
     source = Event.props["source"].as_string()
@@ -396,10 +444,10 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
     }
     hours = _seconds_between(session, _sent(Link), Conversion.signup_at) / 3600.0
     won = {
-        s: (int(n), float(h) if h is not None else None)
-        for s, n, h in (
+        s: (int(n), int(ok), float(h) if h is not None else None)
+        for s, n, ok, h in (
             await session.execute(
-                select(Conversion.source, func.count(), func.avg(hours))
+                select(Conversion.source, func.count(), func.count(case((_ok(), 1))), func.avg(hours))
                 .join(Link, Link.nonce == Conversion.nonce)
                 .where(Conversion.signup_at >= start, Conversion.signup_at < end)
                 .group_by(Conversion.source)
@@ -409,7 +457,7 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
     loops = []
     for name in sorted(set(invites) | set(won), key=lambda s: s or ""):
         sent, referrers = invites.get(name, (0, 0))
-        signups, mean_hours = won.get(name, (0, None))
+        signups, signups_ok, mean_hours = won.get(name, (0, 0, None))
         k = ratio(sent, base) * ratio(signups, sent)
         loops.append(
             {
@@ -421,6 +469,8 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
                 "conversions_per_referrer": ratio(signups, referrers),
                 "mean_cycle_hours": round(mean_hours, 2) if mean_hours is not None else None,
                 "recommendation": band(k),
+                "k_factor_filtered": ratio(sent, base) * ratio(signups_ok, sent),
+                "signups_filtered": signups_ok,
             }
         )
     return loops

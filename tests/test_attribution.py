@@ -170,10 +170,11 @@ async def test_conversions_and_activations_pay_the_referrer_once(db):
 
 async def test_daily_caps_hold(db):
     token = await make_link(db, "maya")
-    signups = [
-        event(f"s{i}", "signup", f"n{i}", NOW + timedelta(minutes=i), referral_token=token) for i in range(7)
+    signups = [  # 15 minutes apart: at most 5 in an hour, under the fraud signals' burst threshold
+        event(f"s{i}", "signup", f"n{i}", NOW + timedelta(minutes=15 * i), referral_token=token)
+        for i in range(7)
     ]
-    firsts = [event(f"f{i}", "first_value", f"n{i}", NOW + timedelta(hours=1, minutes=i)) for i in range(7)]
+    firsts = [event(f"f{i}", "first_value", f"n{i}", NOW + timedelta(hours=2, minutes=i)) for i in range(7)]
     await run(db, signups + firsts)
     paid = await rewards(db)
     assert sum(a for _, kind, a, _, _ in paid if kind == "xp") == 500  # 5 of 7 signups paid

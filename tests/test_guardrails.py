@@ -114,9 +114,11 @@ async def test_a_critical_opt_out_rate_alerts_signs_a_webhook_and_pauses_the_loo
         assert headers["x-viral-signature"] == expected
         assert json.loads(body)["type"] == "guardrail_alert"
         pushed = await admin.wait_for(
-            lambda f: f[2] == "dashboard:guardrails"
-            and f[3] == "metrics_update"
-            and any(a["metric"] == "opt_out_rate" for a in f[4]["alerts"])
+            lambda f: (
+                f[2] == "dashboard:guardrails"
+                and f[3] == "metrics_update"
+                and any(a["metric"] == "opt_out_rate" for a in f[4]["alerts"])
+            )
         )
         assert {a["metric"] for a in pushed[4]["alerts"]} == {"opt_out_rate", "k_factor"}
         assert pushed[4] == (await call(world, "GET", "/api/guardrails")).json()  # the endpoint's JSON
@@ -258,3 +260,43 @@ async def test_the_weekly_summary_is_rendered_and_sent_on_monday(server_database
             and "<h1>" in html_body
             and "buddy_challenge" in text_body
         )
+
+
+async def test_an_admin_releases_a_held_conversion_and_the_referrer_is_paid_once(server_database):
+    from store import Conversion, Reward
+
+    async with loop_world(server_database, **env()) as world:
+        maya = await world.socket("maya")
+        now = world.clock.now()
+        async with world.app.state.database.session() as session, session.begin():
+            session.add(
+                Conversion(
+                    user_id="newbie",
+                    referrer_id="maya",
+                    nonce="n1",
+                    source="direct",
+                    model="last_touch",
+                    touched_at=now,
+                    signup_at=now,
+                    signup_event_id="su-newbie",
+                    status="pending",
+                    fraud_reasons=["conversion_burst"],
+                )
+            )
+        path = "/api/admin/conversions/newbie/review"
+        assert (
+            await call(world, "POST", path, {"approve": True}, user="maya", role="student")
+        ).status_code == 403
+        assert (await call(world, "POST", path, {"approve": "yes"})).status_code == 422
+        assert (
+            await call(world, "POST", "/api/admin/conversions/nobody/review", {"approve": True})
+        ).status_code == 404
+        released = await call(world, "POST", path, {"approve": True})
+        assert (
+            released.status_code == 200 and released.json()["status"] == "ok" and released.json()["paid"] == 1
+        )
+        assert (await call(world, "POST", path, {"approve": True})).json()["paid"] == 0  # once
+        reward = await maya.wait_for(is_event("user:maya", "reward"))
+        assert (reward[4]["kind"], reward[4]["amount"]) == ("xp", 100)
+        async with world.app.state.database.session() as session:
+            assert len((await session.scalars(Reward.__table__.select())).all()) == 1

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from loops.scheduler import schedule
-from metrics import EventIn, guardrails
+from metrics import EventIn, fraud, guardrails
 from metrics.guardrails import GuardrailConfig, LogSender, Sender
 from metrics.live import GuardrailsDashboard
 from store import Alert, AuditLog, Consent, Database, LoopJob, User
@@ -283,7 +283,34 @@ async def audit(request: Request) -> Response:
     )
 
 
+async def review_conversion(request: Request) -> Response:
+    """`POST /api/admin/conversions/{user_id}/review {"approve": bool}`: release a held conversion (its
+    referral rewards are paid now, once) or reject it (flagged)."""
+    claims = require_role(request, "admin")
+    body = await read_json(request, 4096)
+    approve = body.get("approve") if isinstance(body, dict) else None
+    if not isinstance(approve, bool):
+        raise HTTPException(422, 'body must be {"approve": true|false}')
+    user_id = request.path_params["user_id"]
+    try:
+        async with request.app.state.database.session() as session, session.begin():
+            done = await fraud.review(
+                session, user_id, approve, str(claims["sub"]), request.app.state.clock.now()
+            )
+    except LookupError:
+        raise HTTPException(404, f"no conversion for {user_id}") from None
+    hub = request.app.state.endpoint.hub
+    for paid in done.paid:
+        await hub.broadcast(f"user:{paid.user_id}", "reward", paid.push_payload())
+    await request.app.state.k_factor.changed()
+    await request.app.state.guardrails_dashboard.changed()
+    return ORJSONResponse(
+        {"user_id": done.user_id, "status": done.status, "reasons": done.reasons, "paid": len(done.paid)}
+    )
+
+
 routes = [
+    Route("/api/admin/conversions/{user_id}/review", review_conversion, methods=["POST"]),
     Route("/api/guardrails", get_report, methods=["GET"]),
     Route("/api/guardrails/check", check_now, methods=["POST"]),
     Route("/api/guardrails/unpause", unpause, methods=["POST"]),

@@ -1,4 +1,7 @@
-"""Invite links over HTTP: `POST /api/links` makes one, `GET /r/{token}` follows one."""
+"""Invite links over HTTP: `POST /api/links` makes one, `GET /r/{token}` follows one.
+
+A click records the client's `ip_hash` and `net_hash` (metrics.fraud.ip_hashes: keyed with the app
+secret, /24 or /48 network) for the fraud signals; the address itself is never stored."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from metrics import attribution
+from metrics.fraud import ip_hashes
 from metrics.links import DEFAULT_TTL, MAX_TTL, SOURCES, LinkError, LinkSigner, check_target
 from store import Click, Link, LinkRejection
 
@@ -88,6 +92,12 @@ def _visitor(request: Request) -> str:
     return hashlib.sha256(seen).hexdigest()[:32]
 
 
+def _client_hashes(request: Request) -> tuple[str | None, str | None]:
+    """The keyed hashes of the client's address and network (none when it has no IP address)."""
+    hashes = ip_hashes(request.app.state.settings.secret_key, request.client.host) if request.client else None
+    return hashes if hashes is not None else (None, None)
+
+
 async def follow_link(request: Request) -> Response:
     token = request.path_params["token"]
     signer: LinkSigner = request.app.state.link_signer
@@ -108,6 +118,7 @@ async def follow_link(request: Request) -> Response:
             status, "This invite link does not work", f"{exc} Ask your friend to send a new one."
         )
     visitor = _visitor(request)
+    ip_hash, net_hash = _client_hashes(request)
     async with database.session() as session, session.begin():
         recent = await session.scalar(
             select(Click.id)
@@ -116,7 +127,16 @@ async def follow_link(request: Request) -> Response:
             )
             .limit(1)
         )
-        session.add(Click(nonce=link.nonce, visitor=visitor, unique_click=recent is None, clicked_at=now))
+        session.add(
+            Click(
+                nonce=link.nonce,
+                visitor=visitor,
+                unique_click=recent is None,
+                clicked_at=now,
+                ip_hash=ip_hash,
+                net_hash=net_hash,
+            )
+        )
     await request.app.state.k_factor.changed()  # clicks are in the report
     response = RedirectResponse(link.target, status_code=302)
     cookie = {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https", "path": "/"}
