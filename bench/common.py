@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -343,3 +344,47 @@ def write_result(result: dict[str, Any], name: str, out: Path | None) -> Path:
 
 def shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+@contextlib.asynccontextmanager
+async def engine_server(database_url: str, name: str, **env: str) -> Any:
+    """`viral-engine serve` on `database_url` (memory broker: the consumers run in it) with the bench
+    secret, on a free port, ready (`/readyz` 200) when entered; yields (port, pid); stopped on exit."""
+    import httpx
+
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    full_env = {
+        **os.environ,
+        "SECRET_KEY": BENCH_SECRET,
+        "BROKER_URL": "memory://",
+        "DATABASE_URL": database_url,
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    with (workdir / "server.log").open("wb") as log:
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "web.cli", "serve", "--port", str(port), "--log-level", "warning"),
+            cwd=workdir,
+            env=full_env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+        yield port, server.pid
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 15)
+
+
+def bench_token(sub: str, role: str) -> str:
+    from realtime import TokenVerifier
+
+    return TokenVerifier(BENCH_SECRET).issue({"sub": sub, "role": role}, ttl=3600)

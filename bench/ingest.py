@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,13 +29,10 @@ import httpx
 import orjson
 import websockets
 
-from realtime import TokenVerifier
-
 from .common import (
-    BENCH_SECRET,
-    ROOT,
     background_load,
-    free_port,
+    bench_token,
+    engine_server,
     fresh_pg_database,
     proc_cpu_split,
     shown,
@@ -47,8 +42,7 @@ from .common import (
 DATABASE = "viral_bench_ingest"
 
 
-def token(sub: str, role: str) -> str:
-    return TokenVerifier(BENCH_SECRET).issue({"sub": sub, "role": role}, ttl=3600)
+token = bench_token
 
 
 def event(i: int, run: str) -> dict[str, Any]:
@@ -182,49 +176,20 @@ async def caught_up(port: int, offset: int, timeout: float = 120.0) -> float:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     idle = await background_load(1.0)
     _, database_url = await fresh_pg_database(DATABASE)
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    env = {
-        **os.environ,
-        "SECRET_KEY": BENCH_SECRET,
-        "BROKER_URL": "memory://",
-        "DATABASE_URL": database_url,
-        "PYTHONPATH": str(ROOT),
-    }
-    with (workdir / "server.log").open("wb") as log:
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "web.cli", "serve", "--port", str(port), "--log-level", "warning"),
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        async with httpx.AsyncClient() as http:
-            for _ in range(200):
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+    async with engine_server(database_url, "ingest") as (port, pid):
         run = uuid.uuid4().hex[:6]
         batched = await ingest_phase(
-            port, server.pid, [event(i, f"b{run}") for i in range(args.events)], per_request=500, in_flight=2
+            port, pid, [event(i, f"b{run}") for i in range(args.events)], per_request=500, in_flight=2
         )
         # The consumers run behind ingest; how long until they have it all says what they sustain.
         lag = await caught_up(port, args.events)
         batched["consumers_done_after_s"] = round(batched["seconds"] + lag, 3)
         batched["end_to_end_events_per_s"] = round(args.events / (batched["seconds"] + lag))
         single = await ingest_phase(
-            port, server.pid, [event(i, f"s{run}") for i in range(args.single)], per_request=1, in_flight=8
+            port, pid, [event(i, f"s{run}") for i in range(args.single)], per_request=1, in_flight=8
         )
         await caught_up(port, args.events + args.single)
-        latency = await latency_phase(port, server.pid, args.rate, args.seconds, f"l{run}")
-    finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 15)
+        latency = await latency_phase(port, pid, args.rate, args.seconds, f"l{run}")
     return {
         "benchmark": "ingest",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -25,10 +25,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -41,15 +39,13 @@ import orjson
 import websockets
 
 from metrics.growth import PERIODS, k_factor_report, loop_efficiency
-from realtime import TokenVerifier
 from store import Database
 from store.migrate import upgrade
 
 from .common import (
-    BENCH_SECRET,
-    ROOT,
     background_load,
-    free_port,
+    bench_token,
+    engine_server,
     fresh_pg_database,
     pg_urls,
     shown,
@@ -161,8 +157,7 @@ async def time_report(database: Database, days: int, repeat: int, fn: Any) -> di
     }
 
 
-def token(sub: str, role: str) -> str:
-    return TokenVerifier(BENCH_SECRET).issue({"sub": sub, "role": role}, ttl=3600)
+token = bench_token
 
 
 async def push_latency(url: str, days: int, spacing: float, count: int) -> dict[str, Any]:
@@ -170,72 +165,45 @@ async def push_latency(url: str, days: int, spacing: float, count: int) -> dict[
     consumers in process), one admin socket on `dashboard:k_factor` for `days`, and `count`
     `invite_sent` events posted one at a time, `spacing` seconds apart. An event's latency runs from
     just before its POST to the first `metrics_update` whose `invites_sent` includes it."""
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-kfactor-"))
-    env = {
-        **os.environ,
-        "SECRET_KEY": BENCH_SECRET,
-        "BROKER_URL": "memory://",
-        "DATABASE_URL": url,
-        "PYTHONPATH": str(ROOT),
-        # The bulk-loaded history never went through the stream; keep the reconciler from replaying it.
-        "EVENTS_RECONCILE_AFTER": str(400 * 86400),
-    }
-    with (workdir / "server.log").open("wb") as log:
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *("-m", "web.cli", "serve", "--port", str(port), "--log-level", "warning"),
-            cwd=workdir,
-            env=env,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
     headers = {"authorization": f"Bearer {token('bench-admin', 'admin')}"}
     sent_at: list[float] = []
     pushes: list[tuple[float, int]] = []
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            for _ in range(300):
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
-            ws_url = f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={token('bench-admin', 'admin')}"
-            async with websockets.connect(ws_url, max_size=None) as ws:
-                await ws.send(
-                    orjson.dumps(["1", "1", "dashboard:k_factor", "phx_join", {"days": days}]).decode()
-                )
-                reply = orjson.loads(await ws.recv())
-                base = reply[4]["response"]["invites_sent"]
-                complete = asyncio.Event()
+    # The bulk-loaded history never went through the stream; keep the reconciler from replaying it.
+    async with (
+        engine_server(url, "kfactor", EVENTS_RECONCILE_AFTER=str(400 * 86400)) as (port, _),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http,
+    ):
+        ws_url = f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={token('bench-admin', 'admin')}"
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            await ws.send(orjson.dumps(["1", "1", "dashboard:k_factor", "phx_join", {"days": days}]).decode())
+            reply = orjson.loads(await ws.recv())
+            base = reply[4]["response"]["invites_sent"]
+            complete = asyncio.Event()
 
-                async def reader() -> None:
-                    async for raw in ws:
-                        frame = orjson.loads(raw)
-                        if frame[3] == "metrics_update":
-                            pushes.append((time.perf_counter(), frame[4]["invites_sent"]))
-                            if frame[4]["invites_sent"] >= base + count:
-                                complete.set()
+            async def reader() -> None:
+                async for raw in ws:
+                    frame = orjson.loads(raw)
+                    if frame[3] == "metrics_update":
+                        pushes.append((time.perf_counter(), frame[4]["invites_sent"]))
+                        if frame[4]["invites_sent"] >= base + count:
+                            complete.set()
 
-                read_task = asyncio.create_task(reader())
-                run = uuid.uuid4().hex[:6]
-                for i in range(count):
-                    event = {
-                        "id": f"lat-{run}-{i}",
-                        "type": "invite_sent",
-                        "user_id": f"u{i % 20000}",
-                        "props": {"source": "direct"},
-                    }
-                    sent_at.append(time.perf_counter())
-                    response = await http.post("/api/events", content=orjson.dumps([event]), headers=headers)
-                    response.raise_for_status()
-                    await asyncio.sleep(spacing)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(complete.wait(), 10)
-                read_task.cancel()
-    finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 15)
+            read_task = asyncio.create_task(reader())
+            run = uuid.uuid4().hex[:6]
+            for i in range(count):
+                event = {
+                    "id": f"lat-{run}-{i}",
+                    "type": "invite_sent",
+                    "user_id": f"u{i % 20000}",
+                    "props": {"source": "direct"},
+                }
+                sent_at.append(time.perf_counter())
+                response = await http.post("/api/events", content=orjson.dumps([event]), headers=headers)
+                response.raise_for_status()
+                await asyncio.sleep(spacing)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(complete.wait(), 10)
+            read_task.cancel()
     latencies = []
     for i, t in enumerate(sent_at):
         seen = next((at for at, n in pushes if n >= base + i + 1 and at >= t), None)

@@ -211,6 +211,32 @@ class Loop:
         fx.reward(paid)
         return paid
 
+    async def invite_each(
+        self,
+        session: AsyncSession,
+        fx: Effects,
+        item: LoopItem,
+        *,
+        sender: str,
+        recipients: list[str],
+        action: str,
+        event: str,
+        payload: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Invite each recipient to `item` through the orchestrator: the allowed ones become invited
+        members and get `event` with `payload`; returns who was invited and why the others were not."""
+        invited: list[str] = []
+        held: dict[str, str] = {}
+        for recipient in dict.fromkeys(recipients):
+            verdict = await self.decide(session, action, sender=sender, recipient=recipient)
+            if not verdict.allowed:
+                held[recipient] = verdict.reason
+                continue
+            await self.member(session, item.id, recipient, "invited", self.now())
+            invited.append(recipient)
+            fx.to_user(recipient, event, payload)
+        return {"invited": invited, "not_sent": held}
+
     @staticmethod
     async def display_name(session: AsyncSession, user_id: str) -> str:
         """How a user is named in someone else's notifications: never a minor's name (SPEC §7)."""

@@ -138,7 +138,7 @@ class ResultsRally(Loop):
     async def invite(
         self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
     ) -> dict[str, Any]:
-        me, now = str(actor["sub"]), self.now()
+        me = str(actor["sub"])
         item = await self.item(session, params.get("rally_id"), self.name)
         peers = params.get("user_ids")
         if (
@@ -153,28 +153,24 @@ class ResultsRally(Loop):
         if item.state != "open":
             raise ActionError("not_open", f"this rally is {item.state}")
         name = await self.display_name(session, me)
-        invited, held = [], {}
-        for peer in dict.fromkeys(peers):
-            if peer == me or await session.get(LoopMember, (item.id, peer)) is not None:
-                continue
-            verdict = await self.decide(session, "rally_invite", sender=me, recipient=peer)
-            if not verdict.allowed:
-                held[peer] = verdict.reason
-                continue
-            await self.member(session, item.id, peer, "invited", now)
-            invited.append(peer)
-            fx.to_user(
-                peer,
-                "rally_invite",
-                {
-                    "rally_id": item.id,
-                    "from": name,
-                    "subject": item.subject,
-                    "ends_at": item.expires_at.isoformat() if item.expires_at else None,
-                    "text": await self.text("rally_invite", name=name, subject=item.subject),
-                },
-            )
-        return {"rally_id": item.id, "invited": invited, "not_sent": held}
+        fresh = [p for p in peers if p != me and await session.get(LoopMember, (item.id, p)) is None]
+        sent = await self.invite_each(
+            session,
+            fx,
+            item,
+            sender=me,
+            recipients=fresh,
+            action="rally_invite",
+            event="rally_invite",
+            payload={
+                "rally_id": item.id,
+                "from": name,
+                "subject": item.subject,
+                "ends_at": item.expires_at.isoformat() if item.expires_at else None,
+                "text": await self.text("rally_invite", name=name, subject=item.subject),
+            },
+        )
+        return {"rally_id": item.id, **sent}
 
     async def join(
         self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects

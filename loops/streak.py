@@ -190,27 +190,24 @@ class StreakRescue(Loop):
         )
         session.add(item)
         await self.member(session, item.id, me, "owner", now)
-        invited, held = [], {}
         name = await self.display_name(session, me)
-        for friend in dict.fromkeys(friends):
-            verdict = await self.decide(session, "rescue_invite", sender=me, recipient=friend)
-            if not verdict.allowed:
-                held[friend] = verdict.reason
-                continue
-            await self.member(session, item.id, friend, "invited", now)
-            invited.append(friend)
-            fx.to_user(
-                friend,
-                "rescue_invite",
-                {
-                    "rescue_id": item.id,
-                    "from": name,
-                    "days": streak.days,
-                    "deadline": streak.deadline_at.isoformat(),
-                    "text": await self.text("rescue_invite", name=name, days=streak.days),
-                },
-            )
-        return {"rescue_id": item.id, "invited": invited, "not_sent": held}
+        sent = await self.invite_each(
+            session,
+            fx,
+            item,
+            sender=me,
+            recipients=friends,
+            action="rescue_invite",
+            event="rescue_invite",
+            payload={
+                "rescue_id": item.id,
+                "from": name,
+                "days": streak.days,
+                "deadline": streak.deadline_at.isoformat(),
+                "text": await self.text("rescue_invite", name=name, days=streak.days),
+            },
+        )
+        return {"rescue_id": item.id, **sent}
 
     async def join(
         self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects

@@ -131,16 +131,12 @@ class KFactorDashboard(ChangeListener):
 
     async def refresh(self) -> int:
         """One report per distinct window in use; a push to each viewer whose numbers changed."""
-        pushed = 0
-        reports: dict[int, dict[str, Any]] = {}
+        by_days: dict[int, list[Viewer]] = {}
         for viewer in list(self._viewers):
-            if viewer.days not in reports:
-                reports[viewer.days] = await self.report(viewer.days)
-            report = reports[viewer.days]
-            if report != viewer.last_sent:
-                viewer.last_sent = report
-                viewer.push("metrics_update", report)
-                pushed += 1
+            by_days.setdefault(viewer.days, []).append(viewer)
+        pushed = 0
+        for days, viewers in by_days.items():
+            pushed += _push_changed(viewers, await self.report(days))
         return pushed
 
 
