@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 JS     := tests/js
 JSSTAMP := $(JS)/node_modules/.installed
 
-.PHONY: run test lint format bench install node clean
+.PHONY: run test lint format bench install node chromium clean
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ $(JSSTAMP): $(JS)/package.json $(JS)/package-lock.json
 
 run: $(STAMP)
 	$(BIN)/viral-engine migrate
-	$(BIN)/viral-engine serve --host 127.0.0.1 --port 8000
+	$(BIN)/viral-engine serve --host 127.0.0.1 --port 8000 --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -36,7 +36,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) $(JSSTAMP) lint
+# Debian's Chromium, for the dashboards' browser tests (installed once; a no-op when present).
+chromium:
+	sh scripts/install-chromium.sh
+
+test: $(STAMP) $(JSSTAMP) chromium lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) $(JSSTAMP)

@@ -24,7 +24,16 @@ from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
 from store import Database
 
-from . import events_api, experiments_api, guardrails_api, links_api, loops_api, metrics_api, privacy_api
+from . import (
+    dashboards,
+    events_api,
+    experiments_api,
+    guardrails_api,
+    links_api,
+    loops_api,
+    metrics_api,
+    privacy_api,
+)
 from .auth import require_role
 from .config import Settings
 from .logs import install_token_redaction
@@ -204,6 +213,7 @@ def create_app(
         *experiments_api.routes,
         *guardrails_api.routes,
         *privacy_api.routes,
+        *dashboards.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.settings = settings
