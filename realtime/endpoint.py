@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -52,8 +52,14 @@ class PhoenixEndpoint:
         on_connect: ConnectHook | None = None,
         sweep_interval: float | None = None,
         context: Any = None,
+        token_cookie: str | None = None,
     ) -> None:
         self.router = router
+        # Off by default. When set, a client offering no token in `?token=` or the sub-protocol may
+        # carry it in this cookie instead (a browser page with an HttpOnly session cookie). Browsers send
+        # cookies on cross-site WebSocket upgrades too, so such an upgrade is only accepted when its
+        # `Origin` (if any: browsers always send one) names the host it was sent to.
+        self.token_cookie = token_cookie
         self.verifier = verifier
         self.limits = limits or SocketLimits()
         self.stats = stats or RealtimeStats()
@@ -119,6 +125,11 @@ class PhoenixEndpoint:
             return
         offered: list[str] = list(scope.get("subprotocols") or [])
         token = _first(query, "token") or token_from_subprotocols(offered)
+        if not token and self.token_cookie:
+            token = _cookie(scope, self.token_cookie)
+            if token and not _same_host_origin(scope):
+                await self._deny(scope, send, 403, "cross-origin upgrade refused: Origin does not match Host")
+                return
         try:
             claims = self.verifier.verify(token)
             if self.on_connect is not None:
@@ -197,6 +208,50 @@ class PhoenixEndpoint:
 def _first(query: dict[str, list[str]], key: str) -> str | None:
     values = query.get(key)
     return values[0] if values else None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    """The value of cookie `name` in the upgrade request's `Cookie` header(s), if any."""
+    for key, value in scope.get("headers") or ():
+        if key.lower() != b"cookie":
+            continue
+        for part in bytes(value).decode("latin-1").split(";"):
+            cname, sep, cvalue = part.partition("=")
+            if sep and cname.strip() == name:
+                cvalue = cvalue.strip()
+                if len(cvalue) >= 2 and cvalue[0] == cvalue[-1] == '"':
+                    cvalue = cvalue[1:-1]
+                return cvalue or None
+    return None
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def _same_host_origin(scope: Scope) -> bool:
+    """True unless the request has an `Origin` whose host[:port] differs from its `Host` (no Origin:
+    not a browser, so not a cross-site request forged by one)."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin.strip())
+    host = (_header(scope, b"host") or "").strip().lower()
+    if not parts.scheme or not parts.netloc or not host:
+        return False  # e.g. "Origin: null" from a sandboxed or file:// page
+    netloc = parts.netloc.lower()
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    if default and netloc.endswith(f":{default}"):
+        netloc = netloc[: -len(default) - 1]
+    if default and host.endswith(f":{default}"):
+        host = host[: -len(default) - 1]
+    return netloc == host
 
 
 def _choose_subprotocol(offered: list[str]) -> str | None:

@@ -8,8 +8,13 @@ posted through the HTTP API while a page is open, and the page must change witho
 sets `window.__noReload` first and it must survive). Every page must run without a console error,
 an uncaught exception or a CSP violation.
 
+Signing in follows issue 10's contract: `?token=<admin JWT>` on a dashboard URL redirects to the clean
+URL with an HttpOnly, SameSite=Strict `ve_admin` cookie (checked through DevTools), and no script on
+the pages ever holds the token.
+
 Without Chromium the module is skipped, except under REQUIRE_SERVICES=1 (CI), where that fails.
-Screenshots go to $DASHBOARD_SCREENSHOTS when set, else to the test's tmp directory.
+Screenshots (viewport-sized PNGs) go to $DASHBOARD_SCREENSHOTS when set (e.g.
+`DASHBOARD_SCREENSHOTS=docs/screenshots`, the README's), else to the test's tmp directory.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from typing import Any
 import pytest
 from browser.cdp import Chromium, Page, find_chromium
 from loop_kit import LoopWorld, loop_world
-from servers import make_token
+from servers import SECRET, make_token
+
+from realtime import TokenVerifier
 
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 H = timedelta(hours=1)
@@ -109,10 +116,28 @@ async def values(page: Page) -> dict[str, float | str]:
 
 
 async def open_as_admin(page: Page, world: LoopWorld, path: str, ready: str) -> None:
+    """Open `path` with `?token=<admin>`: the server answers with the cookie and the clean URL."""
     sep = "&" if "?" in path else "?"
     await page.goto(f"http://127.0.0.1:{world.port}{path}{sep}token={admin_token()}")
     await page.wait_for(ready, what=f"{path} rendered")
+    assert await page.evaluate("location.pathname + location.search") == path
     await page.evaluate("window.__noReload = true")
+
+
+async def session_cookie(page: Page) -> dict[str, Any] | None:
+    """The `ve_admin` cookie as DevTools sees it (httpOnly, sameSite, expires...), or None."""
+    found = [c for c in await page.cookies() if c["name"] == "ve_admin"]
+    return found[0] if found else None
+
+
+async def snap(page: Page, path: Path) -> None:
+    """A viewport-sized screenshot from the top of the page (for the README: docs/screenshots)."""
+    await page.evaluate(
+        "document.activeElement?.blur(); window.scrollTo(0, 0);"
+        " document.getElementById('toast')?.classList.remove('show')"
+    )
+    await asyncio.sleep(0.4)  # the toast fades out
+    await page.screenshot(path)
 
 
 async def still_same_document(page: Page) -> None:
@@ -157,7 +182,7 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
         base = f"http://127.0.0.1:{world.port}"
         page = await browser.new_page()
 
-        # No token: the login page, carrying no numbers at all, remembering where we were going.
+        # No cookie: the login page, carrying no numbers at all, remembering where we were going.
         await page.goto(f"{base}/dashboard/k-factor?days=30")
         await page.wait_for("location.pathname === '/dashboard/login' && document.readyState === 'complete'")
         assert await page.evaluate("new URLSearchParams(location.search).get('next')") == (
@@ -165,17 +190,33 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
         )
         assert await page.evaluate("document.querySelectorAll('[data-metric]').length") == 0
         assert await page.evaluate("document.activeElement.id") == "token"
+        await snap(page, shots / "login.png")
 
-        # A student's token in the form: a clear refusal, nothing stored, still on the login page.
+        # An empty form is caught on the page.
+        await page.click("#login-form button[type=submit]")
+        await page.wait_for("document.getElementById('login-error').textContent === 'Enter a token.'")
+
+        # A student's token in the form: a clear refusal (403), no cookie, still the login page.
         await page.type("#token", make_token("ann", "student"))
         await page.click("#login-form button[type=submit]")
-        error = await page.wait_for("document.getElementById('login-error').textContent")
-        assert "admin" in error and "student" in error
-        assert await page.evaluate("sessionStorage.length") == 0
+        await page.wait_for(
+            "document.getElementById('main')?.dataset.errorStatus === '403'"
+            " && document.readyState === 'complete'"
+        )
+        error = await page.text("#login-error")
+        assert error and "admin" in error and "student" in error
+        assert await session_cookie(page) is None
         assert await page.evaluate("location.pathname") == "/dashboard/login"
-        await page.screenshot(shots / "login-refused.png")
+        assert await page.evaluate("document.querySelectorAll('[data-metric]').length") == 0
+        await snap(page, shots / "login-refused.png")
 
-        # A student's token in the URL: 403 and the login page, never the dashboard.
+        # A student's token in the URL: 403 and the login page, never the dashboard, and the token
+        # leaves the address bar.
+        await page.goto(f"{base}/dashboard/guardrails?token={make_token('ann', 'student')}")
+        assert await page.evaluate("document.getElementById('main').dataset.errorStatus") == "403"
+        assert await page.evaluate("location.href") == f"{base}/dashboard/guardrails"
+        assert await page.evaluate("document.querySelectorAll('[data-metric]').length") == 0
+        assert await session_cookie(page) is None
         response = await world.http.get(f"/dashboard/guardrails?token={make_token('ann', 'student')}")
         assert response.status_code == 403
         assert "admins only" in response.text and "data-metric" not in response.text
@@ -186,7 +227,7 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
         assert (await world.http.get("/dashboard/session")).status_code == 401
 
         # Headers: a restrictive CSP on pages and files; only the known static files are served.
-        page_response = await world.http.get("/dashboard/k-factor")
+        page_response = await world.http.get("/dashboard/login")
         csp = page_response.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert page_response.headers["x-content-type-options"] == "nosniff"
@@ -200,20 +241,35 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
         for bad in ("/dashboard/static/..%2Fdashboards.py", "/dashboard/static/nope.js"):
             assert (await world.http.get(bad)).status_code == 404
 
-        # An admin's token in the form: on to the page asked for, with the 30-day window.
+        # An admin's token in the form: on to the page asked for, with the 30-day window, signed in
+        # by an HttpOnly, SameSite=Strict cookie that no script can read.
+        await page.goto(f"{base}/dashboard/login?next=%2Fdashboard%2Fk-factor%3Fdays%3D30")
         await page.type("#token", admin_token())
         await page.click("#login-form button[type=submit]")
         await page.wait_for(
             "location.pathname === '/dashboard/k-factor' && document.readyState === 'complete'"
         )
-        await page.wait_for("document.getElementById('window-days').dataset.value === '30'")
+        await page.wait_for("document.getElementById('window-days')?.dataset.value === '30'")
         assert await page.evaluate("document.getElementById('period').value") == "30"
+        cookie = await session_cookie(page)
+        assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
+        assert cookie["path"] == "/" and not cookie["secure"] and cookie["session"] is False
+        assert 3500 < cookie["expires"] - time.time() <= 3600
+        assert "ve_admin" not in await page.evaluate("document.cookie")
+        assert await page.evaluate("sessionStorage.length + localStorage.length") == 0
 
-        # Signing out forgets the token and goes back to the login page.
+        # Signing out clears the cookie and goes back to the login page; the pages are closed again.
         await page.click("#signout")
         await page.wait_for("location.pathname === '/dashboard/login' && document.readyState === 'complete'")
-        assert await page.evaluate("sessionStorage.length") == 0
-        no_errors(page, f"status of 403 (Forbidden) http://127.0.0.1:{world.port}/dashboard/session")
+        assert await session_cookie(page) is None
+        assert "signed out" in (await page.text("#login-error") or "")
+        await page.goto(f"{base}/dashboard/experiments")
+        assert await page.evaluate("location.pathname") == "/dashboard/login"
+        no_errors(
+            page,
+            f"status of 403 (Forbidden) {base}/dashboard/login",
+            f"status of 403 (Forbidden) {base}/dashboard/guardrails",
+        )
 
 
 # ---------------------------------------------------------------- K-factor
@@ -234,9 +290,18 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         await open_as_admin(
             page, world, "/dashboard/k-factor", "!!document.querySelector('[data-metric=k_factor]')"
         )
-        # The token left the address bar for this tab's sessionStorage.
+        # The token left the address bar for an HttpOnly, SameSite=Strict cookie; no script holds it.
         assert "token=" not in await page.evaluate("location.href")
-        assert await page.evaluate("sessionStorage.length") == 1
+        cookie = await session_cookie(page)
+        assert cookie is not None, "no session cookie"
+        claims = TokenVerifier(SECRET).verify(cookie["value"])  # the admin token itself
+        assert (claims["sub"], claims["role"]) == ("ops", "admin")
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert (
+            await page.evaluate("sessionStorage.length + localStorage.length + document.cookie.length") == 0
+        )
+        # The default window is 7 days.
+        assert await page.evaluate("document.getElementById('period').value") == "7"
 
         async def api(days: int) -> dict[str, Any]:
             response = await world.http.get(f"/api/metrics/k-factor?days={days}", headers=admin(world))
@@ -307,7 +372,7 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
             == "deprioritise"
         )
         assert await page.evaluate("document.querySelectorAll('#timeline-svg polyline').length") == 3
-        await page.screenshot(shots / "k-factor-1280.png")
+        await snap(page, shots / "k-factor-1280.png")
         assert await unlabelled(page) == []
 
         # Keyboard: Tab from the top of the page reaches the period filter.
@@ -353,7 +418,7 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         await page.viewport(390, 844, mobile=True)
         await asyncio.sleep(0.2)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
-        await page.screenshot(shots / "k-factor-390.png")
+        await snap(page, shots / "k-factor-390.png")
         no_errors(page)
 
 
@@ -417,7 +482,7 @@ async def test_experiments_list_form_buttons_and_live_results(
             await page.wait_for(f"{status.format('exp-api')} === '{expected}'", timeout=5)
             got = (await world.http.get("/api/experiments/exp-api", headers=admin(world))).json()["status"]
             assert got == expected
-        await page.screenshot(shots / "experiments-1280.png")
+        await snap(page, shots / "experiments-1280.png")
         assert await unlabelled(page) == []
         no_errors(page, f"status of 422 (Unprocessable Entity) http://127.0.0.1:{world.port}/api/experiments")
 
@@ -461,7 +526,7 @@ async def test_experiments_list_form_buttons_and_live_results(
             await detail.evaluate("document.querySelector('[data-metric=sequential]').dataset.value")
             == "false"
         )
-        await detail.screenshot(shots / "experiment-1280.png")
+        await snap(detail, shots / "experiment-1280.png")
         assert await unlabelled(detail) == []
 
         # Declare the winner (with its confirmation): stopped, with that winner.
@@ -520,7 +585,7 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
             "!!document.querySelector('#refusals-table [data-row=loop_paused]')", timeout=5, what="refusals"
         )
         assert await page.evaluate("document.querySelector('[data-metric=flagged]').dataset.value") == "0"
-        await page.screenshot(shots / "guardrails-1280.png")
+        await snap(page, shots / "guardrails-1280.png")
         assert await unlabelled(page) == []
 
         # Unpause from the page: the paused row goes, and the server agrees.
@@ -535,7 +600,7 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
         await page.viewport(390, 844, mobile=True)
         await asyncio.sleep(0.2)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
-        await page.screenshot(shots / "guardrails-390.png")
+        await snap(page, shots / "guardrails-390.png")
         no_errors(page)
 
 
@@ -544,10 +609,9 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
 
 CLIENT_CHECK = """(async () => {
   const { Socket } = await import('/dashboard/static/phoenix.js');
-  const token = sessionStorage.getItem('viral-engine.admin-token');
   const statuses = [];
-  const socket = new Socket('/socket/websocket', {
-    params: { token }, heartbeatMs: 150, backoffMs: [50, 100], onStatus: (s) => statuses.push(s),
+  const socket = new Socket('/socket/websocket', {  // signed in by the session cookie
+    heartbeatMs: 150, backoffMs: [50, 100], onStatus: (s) => statuses.push(s),
   });
   let beats = 0, beatReplies = 0;
   const send = socket.send.bind(socket);

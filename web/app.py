@@ -122,6 +122,7 @@ def create_app(
         broker=broker_from_url(settings.broker_url),
         limits=settings.limits,
         stats=RealtimeStats(),
+        token_cookie="ve_admin",
     )
     database = Database(settings.database_url)
     stream = stream_from_url(settings.broker_url)

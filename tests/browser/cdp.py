@@ -3,10 +3,10 @@ project already depends on (no browser-automation library, nothing downloaded).
 
 `Chromium.launch()` starts `/usr/bin/chromium --headless=new --remote-debugging-port=0` with a fresh
 profile, reads the DevTools address from the profile's `DevToolsActivePort` file, and connects. Each
-`new_page()` is a new tab (so a fresh `sessionStorage`) attached as a flat session; a `Page` navigates,
-evaluates JavaScript, waits for a condition, types, presses keys, takes screenshots, and records every
-uncaught exception, `console.error` and error-level log entry (CSP violations, failed loads) in
-`page.errors`.
+`new_page()` is a new tab (tabs share the browser's cookies) attached as a flat session; a `Page`
+navigates, evaluates JavaScript, waits for a condition, types, presses keys, reads cookies, takes
+screenshots, and records every uncaught exception, `console.error` and error-level log entry (CSP
+violations, failed loads) in `page.errors`.
 """
 
 from __future__ import annotations
@@ -145,6 +145,12 @@ class Chromium:
             await page.send(f"{domain}.enable")
         await page.viewport(width, height)
         return page
+
+    async def cookies(self) -> list[dict[str, Any]]:
+        """Every cookie the browser holds (DevTools `Storage.getCookies`: with httpOnly, sameSite...)."""
+        result = await self.send("Storage.getCookies")
+        cookies: list[dict[str, Any]] = result.get("cookies", [])
+        return cookies
 
     async def allow_downloads(self, folder: Path) -> None:
         await self.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
@@ -287,7 +293,14 @@ class Page:
     async def tab(self, shift: bool = False) -> None:
         await self.press("Tab", "Tab", 9, shift)
 
-    async def screenshot(self, path: Path, full_page: bool = True) -> Path:
+    async def cookies(self) -> list[dict[str, Any]]:
+        """The cookies this page's URL would be sent (DevTools `Network.getCookies`)."""
+        result = await self.send("Network.getCookies")
+        cookies: list[dict[str, Any]] = result.get("cookies", [])
+        return cookies
+
+    async def screenshot(self, path: Path, full_page: bool = False) -> Path:
+        """A PNG of the viewport (`full_page`: of the whole page, which can be very tall)."""
         result = await self.send(
             "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": full_page}
         )

@@ -3,33 +3,13 @@
 
 import { Socket } from "./phoenix.js";
 
-const TOKEN_KEY = "viral-engine.admin-token";
 export const LOGIN = "/dashboard/login";
 
 // ---------------------------------------------------------------- sign-in
-
-export function getToken() {
-  return window.sessionStorage.getItem(TOKEN_KEY);
-}
-
-export function setToken(token) {
-  window.sessionStorage.setItem(TOKEN_KEY, token);
-}
-
-export function clearToken() {
-  window.sessionStorage.removeItem(TOKEN_KEY);
-}
-
-/** `?token=` in the address (the server already refused it unless it is an admin's): keep it in
- * sessionStorage and take it out of the address bar and the history. */
-function takeTokenFromUrl() {
-  const url = new URL(window.location.href);
-  const token = url.searchParams.get("token");
-  if (!token) return;
-  setToken(token);
-  url.searchParams.delete("token");
-  window.history.replaceState(null, "", url.pathname + url.search + url.hash);
-}
+//
+// The session is an HttpOnly cookie the server set when an admin signed in (`?token=` or the login
+// form): no script here ever holds the token. The browser sends the cookie with our own API calls and
+// the socket upgrade; a 401 or 403 means the session is gone or not an admin's, so off to the login page.
 
 function toLogin(reason) {
   const next = window.location.pathname + window.location.search;
@@ -39,13 +19,10 @@ function toLogin(reason) {
   return new Promise(() => {}); // the page is going away: nothing after this runs
 }
 
-/** Checks the token with the server. Resolves with {status, body}. */
-export async function checkToken(token) {
+/** Who is signed in, asked of the server. Resolves with {status, body}. */
+export async function checkSession() {
   try {
-    const response = await fetch("/dashboard/session", {
-      headers: { authorization: `Bearer ${token}` },
-      cache: "no-store",
-    });
+    const response = await fetch("/dashboard/session", { credentials: "same-origin", cache: "no-store" });
     let body = {};
     try {
       body = await response.json();
@@ -60,37 +37,31 @@ export async function checkToken(token) {
 
 /** Start of every dashboard page: an admin's session, or off to the login page (before any data). */
 export async function requireAdmin() {
-  takeTokenFromUrl();
-  const token = getToken();
-  if (!token) return toLogin();
-  const { status, body } = await checkToken(token);
-  if (status === 401) {
-    clearToken();
-    return toLogin("expired");
-  }
-  if (status === 403) {
-    clearToken();
-    return toLogin("forbidden");
-  }
+  const { status, body } = await checkSession();
+  if (status === 401) return toLogin("expired");
+  if (status === 403) return toLogin("forbidden");
   if (status !== 200) {
     showFatal(`Could not check your sign-in (${body.error || status}). Reload to try again.`);
     return new Promise(() => {});
   }
-  const session = { token, ...body };
+  const session = { ...body };
   setupShell(session);
   return session;
+}
+
+async function signOut() {
+  try {
+    await fetch("/dashboard/logout", { method: "POST", credentials: "same-origin", cache: "no-store" });
+  } finally {
+    window.location.replace(`${LOGIN}?reason=signed_out`);
+  }
 }
 
 function setupShell(session) {
   const who = document.getElementById("who");
   if (who) who.textContent = `Signed in as ${session.sub}`;
   const signout = document.getElementById("signout");
-  if (signout) {
-    signout.addEventListener("click", () => {
-      clearToken();
-      window.location.replace(LOGIN);
-    });
-  }
+  if (signout) signout.addEventListener("click", signOut);
   document.getElementById("gate")?.remove();
   const main = document.getElementById("main");
   if (main) main.hidden = false;
@@ -107,7 +78,7 @@ export function showFatal(message) {
 // ---------------------------------------------------------------- API and socket
 
 export async function api(session, method, path, body) {
-  const init = { method, headers: { authorization: `Bearer ${session.token}` }, cache: "no-store" };
+  const init = { method, headers: {}, credentials: "same-origin", cache: "no-store" };
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -118,9 +89,12 @@ export async function api(session, method, path, body) {
   } catch (err) {
     return { ok: false, status: 0, data: { error: "the server could not be reached" } };
   }
-  if (response.status === 401) {
-    clearToken();
-    await toLogin("expired");
+  if (response.status === 401) await toLogin("expired");
+  if (response.status === 403) {
+    // Refused: if the session is no longer an admin's, sign in again; else the answer is shown as is.
+    const { status } = await checkSession();
+    if (status === 401) await toLogin("expired");
+    else if (status === 403) await toLogin("forbidden");
   }
   let data = null;
   try {
@@ -148,20 +122,18 @@ export function connect(session) {
     live.textContent = text;
     live.dataset.state = state;
   };
+  // No token in the URL: the browser sends the session cookie with the upgrade.
   const socket = new Socket("/socket/websocket", {
-    params: { token: session.token },
     onStatus: (status) => {
       state = status;
       paint();
     },
     onFailure: async (attempts) => {
       if (attempts === 3) {
-        // Several failed connects in a row: maybe the token expired (the upgrade gets 403).
-        const { status } = await checkToken(session.token);
-        if (status === 401 || status === 403) {
-          clearToken();
-          toLogin("expired");
-        }
+        // Several failed connects in a row: maybe the session expired (the upgrade gets 403).
+        const { status } = await checkSession();
+        if (status === 401) toLogin("expired");
+        else if (status === 403) toLogin("forbidden");
       }
     },
   });
@@ -434,7 +406,7 @@ export function badge(text, kind, attrs = {}) {
 export function joinError(reply) {
   const reason = (reply.response && reply.response.reason) || reply.status;
   const msg = reason === "unauthorized"
-    ? "This token may not read the dashboards: sign in with an admin token."
+    ? "This session may not read the dashboards: sign in with an admin token."
     : `Could not subscribe to live updates: ${reason}`;
   announce(msg, "error");
   const box = document.getElementById("errors");

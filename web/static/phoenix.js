@@ -12,7 +12,8 @@ const PUSH_TIMEOUT_MS = 10000;
 export class Socket {
   /**
    * @param {string} url   e.g. "/socket/websocket" (made absolute against the page's origin)
-   * @param {object} opts  {params: {token, ...}, onStatus(status), onGiveUp(), heartbeatMs, backoffMs}
+   * @param {object} opts  {params: {...}, onStatus(status), onFailure(attempts), heartbeatMs, backoffMs}
+   *                      (without a `token` param the upgrade carries the page's session cookie)
    */
   constructor(url, opts = {}) {
     const base = new URL(url, window.location.href);
