@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import ipaddress
 import logging
+import os
 import resource
 import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 from realtime import TokenVerifier
@@ -53,6 +60,101 @@ def uvicorn_options(settings: Settings, *, ws: str = "fast") -> dict[str, Any]:
     }
 
 
+DEMO_ENV = "VIRAL_ENGINE_DEMO"  # set to "1" in a `serve --demo` process (so pages can say "demo data")
+# prctl(PR_SET_PDEATHSIG, SIGTERM) in the demo child: it dies with the server even if the server is
+# killed without clean-up. Looked up here, so the child only makes the call.
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def demo_refusal(host: str, settings: Settings) -> str | None:
+    """Why `serve --demo` may not run here, or None. Any broker will do (on redis:// the consumers
+    need a `viral-engine worker`, as always); the demo only talks to the server's HTTP API and sockets."""
+    if settings.env == "production":
+        return "--demo fills the database with simulated users and events; it never runs with ENV=production"
+    if not is_loopback_host(host):
+        return (
+            f"--demo runs only on a loopback host (127.0.0.1, ::1, localhost), not {host!r}: "
+            "it fills the database with simulated users and events"
+        )
+    return None
+
+
+class DemoCohort:
+    """The demo driver (`python -m web.demo`) as a child of the server: started from a thread once the
+    server accepts connections on its port, terminated by `stop()`, and killed by the kernel should
+    the server die first (PR_SET_PDEATHSIG; the thread that spawned it lives until `stop()`, since
+    Linux sends that signal when the spawning thread ends)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-cohort", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = self.host.strip("[]")
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self) -> DemoCohort:
+        self._thread.start()
+        return self
+
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.host.strip("[]"), self.port), 0.5):
+            return True
+        return False
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._listening():
+            if self._stopping.wait(0.2) or time.monotonic() > deadline:
+                return
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "web.demo", "--url", self.url],
+            preexec_fn=_die_with_parent,
+        )
+        logging.getLogger("viral.serve").info(
+            "demo cohort started (pid %d) against %s", self.proc.pid, self.url
+        )
+        self._stopping.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class _QuietSocketLines(logging.Filter):
+    """With `--demo` a socket opens and closes every second or so: keep uvicorn's per-connection
+    lines ("[accepted]", "connection open", "connection closed") out of the console."""
+
+    LINES = frozenset({'%s - "WebSocket %s" [accepted]', "connection open", "connection closed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.LINES
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -63,19 +165,32 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    demo = None
+    if args.demo:
+        refusal = demo_refusal(args.host, settings)
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+        os.environ[DEMO_ENV] = "1"
+        logging.getLogger("uvicorn.error").addFilter(_QuietSocketLines())
+        demo = DemoCohort(args.host, args.port).start()
     settings.warn_if_unsafe()
     raise_open_files_limit()
-    uvicorn.run(
-        "web.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        **uvicorn_options(settings, ws=args.ws),
-    )
+    try:
+        uvicorn.run(
+            "web.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout_graceful_shutdown=args.graceful_timeout,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            **uvicorn_options(settings, ws=args.ws),
+        )
+    finally:
+        if demo is not None:
+            demo.stop()
     return 0
 
 
@@ -168,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also run a simulated cohort of students, parents and tutors (web/demo.py) against this "
+        "server, so the dashboards move; loopback hosts only, never with ENV=production",
+    )
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser("worker", help="run background consumers (multi-process deployments)")
