@@ -8,10 +8,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from loop_kit import loop_world
-from metrics.assignment import assign
 from servers import is_event
 from sqlalchemy import func, select
 
+from metrics.assignment import assign
 from store import ExperimentConversion, ExperimentExposure, LoopItem
 
 H = timedelta(hours=1)
