@@ -216,3 +216,11 @@ async def test_the_socket_accepts_the_cookie_only_from_its_own_origin(server_dat
             assert (await sock.join("dashboard:k_factor", {"days": 7}))["status"] == "ok"
         finally:
             await sock.close()
+
+
+async def test_the_session_says_when_the_numbers_are_demo_data(server_database, monkeypatch):
+    async with loop_world(server_database) as world:
+        headers = world.headers("ops", "admin")
+        assert (await world.http.get("/dashboard/session", headers=headers)).json()["demo"] is False
+        monkeypatch.setenv("VIRAL_ENGINE_DEMO", "1")  # what `serve --demo` sets in its process
+        assert (await world.http.get("/dashboard/session", headers=headers)).json()["demo"] is True

@@ -29,6 +29,7 @@ style, no framing) and `nosniff`; static files are served from a fixed allow-lis
 from __future__ import annotations
 
 import html
+import os
 import re
 import time
 from pathlib import Path
@@ -323,6 +324,8 @@ async def session(request: Request) -> Response:
             "k_target": K_TARGET,
             "event_types": sorted(EVENT_TYPES),
             "loops": list(LOOPS),
+            # `serve --demo` marks its process: the pages then say the numbers come from simulated users.
+            "demo": os.environ.get("VIRAL_ENGINE_DEMO") == "1",
         },
         headers=security_headers(),
     )

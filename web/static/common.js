@@ -63,6 +63,14 @@ function setupShell(session) {
   const signout = document.getElementById("signout");
   if (signout) signout.addEventListener("click", signOut);
   document.getElementById("gate")?.remove();
+  if (session.demo && !document.getElementById("demo-banner")) {
+    const banner = document.createElement("p");
+    banner.id = "demo-banner";
+    banner.className = "demo-banner";
+    banner.setAttribute("role", "note");
+    banner.textContent = "Demo data: these numbers come from a simulated cohort (viral-engine serve --demo).";
+    document.body.prepend(banner);
+  }
   const main = document.getElementById("main");
   if (main) main.hidden = false;
 }
