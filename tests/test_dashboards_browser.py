@@ -3,14 +3,15 @@
 
 The app is the production one, served in-process on a real port with a hand-moved clock
 (`tests/loop_kit.py`); the browser is Debian's `/usr/bin/chromium` (installed by
-`scripts/install-chromium.sh`), driven over the DevTools protocol by `tests/browser/cdp.py`. Events are
+`scripts/install-chromium.sh`, or $CHROMIUM), driven by Playwright for Python (`playwright.async_api`,
+launched with `executable_path`: Playwright's own browser downloads are never used). Events are
 posted through the HTTP API while a page is open, and the page must change without a reload (each page
 sets `window.__noReload` first and it must survive). Every page must run without a console error,
 an uncaught exception or a CSP violation.
 
 Signing in follows issue 10's contract: `?token=<admin JWT>` on a dashboard URL redirects to the clean
-URL with an HttpOnly, SameSite=Strict `ve_admin` cookie (checked through DevTools), and no script on
-the pages ever holds the token.
+URL with an HttpOnly, SameSite=Strict `ve_admin` cookie (checked through the browser context's
+cookies), and no script on the pages ever holds the token.
 
 Without Chromium the module is skipped, except under REQUIRE_SERVICES=1 (CI), where that fails.
 Screenshots (viewport-sized PNGs) go to $DASHBOARD_SCREENSHOTS when set (e.g.
@@ -22,14 +23,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from browser.cdp import Chromium, Page, find_chromium
 from loop_kit import LoopWorld, loop_world
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    async_playwright,
+)
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 from servers import SECRET, make_token
 
 from realtime import TokenVerifier
@@ -38,6 +50,48 @@ REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 H = timedelta(hours=1)
 
 pytestmark = pytest.mark.timeout(90)
+
+CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+VIEWPORT: Any = {"width": 1280, "height": 900}
+_ERRORS: dict[Page, list[str]] = {}  # each page's exceptions, console errors and error log entries
+
+
+def find_chromium() -> str | None:
+    """$CHROMIUM when set (and present), else Debian's Chromium (or a Chrome) on the usual paths."""
+    explicit = os.environ.get("CHROMIUM")
+    if explicit:
+        return explicit if Path(explicit).exists() else None
+    for path in CANDIDATES:
+        if Path(path).exists():
+            return path
+    return shutil.which("chromium")
+
+
+class Chromium:
+    """One headless browser context (its tabs share cookies) whose pages record every uncaught
+    exception, `console.error`/`console.assert` and error-level log entry (CSP violations, failed
+    loads: Chromium reports those as console errors), read by `page_errors(page)`."""
+
+    def __init__(self, browser: Browser, context: BrowserContext) -> None:
+        self.browser = browser
+        self.context = context
+
+    async def new_page(self) -> Page:
+        page = await self.context.new_page()
+        errors: list[str] = []
+        _ERRORS[page] = errors
+
+        def on_console(message: ConsoleMessage) -> None:
+            if message.type in ("error", "assert"):
+                url = (message.location or {}).get("url", "")
+                errors.append(f"console.{message.type}: {message.text} {url}")
+
+        def on_page_error(error: PlaywrightError) -> None:
+            errors.append(f"exception: {error}")
+
+        page.on("console", on_console)
+        page.on("pageerror", on_page_error)
+        return page
 
 
 @pytest.fixture
@@ -54,12 +108,23 @@ def chromium_path() -> str:
 
 
 @pytest.fixture
-async def browser(chromium_path: str):
-    chrome = await Chromium.launch(chromium_path)
-    try:
-        yield chrome
-    finally:
-        await chrome.close()
+async def browser(chromium_path: str) -> AsyncIterator[Chromium]:
+    """Headless Chromium through Playwright, in the test's own event loop (the server's too)."""
+    async with async_playwright() as playwright:
+        chrome = await launch(playwright, chromium_path)
+        try:
+            context = await chrome.new_context(viewport=VIEWPORT, accept_downloads=True, locale="en-US")
+            yield Chromium(chrome, context)
+        finally:
+            await chrome.close()
+
+
+async def launch(playwright: Playwright, executable: str) -> Browser:
+    return await playwright.chromium.launch(
+        executable_path=executable,
+        headless=True,
+        args=["--disable-gpu", "--disable-quic", "--disable-dev-shm-usage", "--lang=en-US"],
+    )
 
 
 @pytest.fixture
@@ -119,15 +184,39 @@ async def open_as_admin(page: Page, world: LoopWorld, path: str, ready: str) -> 
     """Open `path` with `?token=<admin>`: the server answers with the cookie and the clean URL."""
     sep = "&" if "?" in path else "?"
     await page.goto(f"http://127.0.0.1:{world.port}{path}{sep}token={admin_token()}")
-    await page.wait_for(ready, what=f"{path} rendered")
+    await wait_for(page, ready, what=f"{path} rendered")
     assert await page.evaluate("location.pathname + location.search") == path
     await page.evaluate("window.__noReload = true")
 
 
 async def session_cookie(page: Page) -> dict[str, Any] | None:
-    """The `ve_admin` cookie as DevTools sees it (httpOnly, sameSite, expires...), or None."""
-    found = [c for c in await page.cookies() if c["name"] == "ve_admin"]
+    """The `ve_admin` cookie as the browser context holds it (httpOnly, sameSite, expires...), or None."""
+    found = [dict(c) for c in await page.context.cookies() if c.get("name") == "ve_admin"]
     return found[0] if found else None
+
+
+async def wait_for(page: Page, expression: str, timeout: float = 10.0, what: str | None = None) -> Any:
+    """Wait until a JavaScript expression is truthy (polled every 50 ms); returns its value."""
+    try:
+        # As a function, not a string: Playwright would eval() a string, which the pages' CSP forbids.
+        handle = await page.wait_for_function(f"() => ({expression})", timeout=timeout * 1000, polling=50)
+    except PlaywrightTimeout:
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what or expression!r} on {page.url}; "
+            f"errors: {page_errors(page)}"
+        ) from None
+    return await handle.json_value()
+
+
+async def text(page: Page, selector: str) -> str | None:
+    value: str | None = await page.evaluate(
+        f"document.querySelector({json.dumps(selector)})?.textContent ?? null"
+    )
+    return value
+
+
+async def phone_width(page: Page) -> None:
+    await page.set_viewport_size({"width": 390, "height": 844})
 
 
 async def snap(page: Page, path: Path) -> None:
@@ -137,7 +226,7 @@ async def snap(page: Page, path: Path) -> None:
         " document.getElementById('toast')?.classList.remove('show')"
     )
     await asyncio.sleep(0.4)  # the toast fades out
-    await page.screenshot(path)
+    await page.screenshot(path=path)
 
 
 async def still_same_document(page: Page) -> None:
@@ -165,11 +254,16 @@ async def unlabelled(page: Page) -> list[str]:
     return found
 
 
+def page_errors(page: Page) -> list[str]:
+    return _ERRORS.get(page, [])
+
+
 def no_errors(page: Page, *expected: str) -> None:
     """No exception, console error or CSP violation; `expected` are the failed requests the test
     provoked on purpose (Chromium logs every non-2xx response as an error)."""
-    unexpected = [e for e in page.errors if not any(x in e for x in expected)]
-    assert unexpected == [], page.errors
+    errors = page_errors(page)
+    unexpected = [e for e in errors if not any(x in e for x in expected)]
+    assert unexpected == [], errors
 
 
 # ---------------------------------------------------------------- login gate
@@ -184,7 +278,7 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
 
         # No cookie: the login page, carrying no numbers at all, remembering where we were going.
         await page.goto(f"{base}/dashboard/k-factor?days=30")
-        await page.wait_for("location.pathname === '/dashboard/login' && document.readyState === 'complete'")
+        await wait_for(page, "location.pathname === '/dashboard/login' && document.readyState === 'complete'")
         assert await page.evaluate("new URLSearchParams(location.search).get('next')") == (
             "/dashboard/k-factor?days=30"
         )
@@ -194,16 +288,17 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
 
         # An empty form is caught on the page.
         await page.click("#login-form button[type=submit]")
-        await page.wait_for("document.getElementById('login-error').textContent === 'Enter a token.'")
+        await wait_for(page, "document.getElementById('login-error').textContent === 'Enter a token.'")
 
         # A student's token in the form: a clear refusal (403), no cookie, still the login page.
-        await page.type("#token", make_token("ann", "student"))
+        await page.fill("#token", make_token("ann", "student"))
         await page.click("#login-form button[type=submit]")
-        await page.wait_for(
+        await wait_for(
+            page,
             "document.getElementById('main')?.dataset.errorStatus === '403'"
-            " && document.readyState === 'complete'"
+            " && document.readyState === 'complete'",
         )
-        error = await page.text("#login-error")
+        error = await text(page, "#login-error")
         assert error and "admin" in error and "student" in error
         assert await session_cookie(page) is None
         assert await page.evaluate("location.pathname") == "/dashboard/login"
@@ -244,25 +339,26 @@ async def test_login_gate_refuses_non_admins_and_shows_no_data(
         # An admin's token in the form: on to the page asked for, with the 30-day window, signed in
         # by an HttpOnly, SameSite=Strict cookie that no script can read.
         await page.goto(f"{base}/dashboard/login?next=%2Fdashboard%2Fk-factor%3Fdays%3D30")
-        await page.type("#token", admin_token())
+        await page.fill("#token", admin_token())
         await page.click("#login-form button[type=submit]")
-        await page.wait_for(
-            "location.pathname === '/dashboard/k-factor' && document.readyState === 'complete'"
+        await wait_for(
+            page, "location.pathname === '/dashboard/k-factor' && document.readyState === 'complete'"
         )
-        await page.wait_for("document.getElementById('window-days')?.dataset.value === '30'")
+        await wait_for(page, "document.getElementById('window-days')?.dataset.value === '30'")
         assert await page.evaluate("document.getElementById('period').value") == "30"
         cookie = await session_cookie(page)
         assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
-        assert cookie["path"] == "/" and not cookie["secure"] and cookie["session"] is False
+        # Not a session cookie (Playwright reports those with expires == -1): it lasts an hour.
+        assert cookie["path"] == "/" and not cookie["secure"] and cookie["expires"] != -1
         assert 3500 < cookie["expires"] - time.time() <= 3600
         assert "ve_admin" not in await page.evaluate("document.cookie")
         assert await page.evaluate("sessionStorage.length + localStorage.length") == 0
 
         # Signing out clears the cookie and goes back to the login page; the pages are closed again.
         await page.click("#signout")
-        await page.wait_for("location.pathname === '/dashboard/login' && document.readyState === 'complete'")
+        await wait_for(page, "location.pathname === '/dashboard/login' && document.readyState === 'complete'")
         assert await session_cookie(page) is None
-        assert "signed out" in (await page.text("#login-error") or "")
+        assert "signed out" in (await text(page, "#login-error") or "")
         await page.goto(f"{base}/dashboard/experiments")
         assert await page.evaluate("location.pathname") == "/dashboard/login"
         no_errors(
@@ -335,7 +431,8 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
             await world.http.post("/api/links", json={"source": "study_buddy"}, headers=world.headers("ann"))
         ).json()
         await post(world, "invite_sent", "ann", source="study_buddy", link_token=link["token"])
-        await page.wait_for(
+        await wait_for(
+            page,
             "document.querySelector('[data-metric=invites_sent]').dataset.value === '1'",
             timeout=5,
             what="invites sent to show 1",
@@ -343,7 +440,8 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         assert (await world.http.get(f"/r/{link['token']}")).status_code in (302, 303, 307)
         started = time.monotonic()
         await post(world, "signup", "newbie", referral_token=link["token"])
-        await page.wait_for(
+        await wait_for(
+            page,
             "document.querySelector('[data-metric=signups]').dataset.value === '1'"
             " && +document.querySelector('[data-metric=k_factor]').dataset.value > 0",
             timeout=5,
@@ -361,7 +459,7 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
             "Far below target"
         )
         # Tables: K by source, the funnel, top referrers and loop efficiency (REST, refreshed on each push).
-        await page.wait_for("!!document.querySelector('#loops-table [data-row=study_buddy]')")
+        await wait_for(page, "!!document.querySelector('#loops-table [data-row=study_buddy]')")
         assert await cell(page, "referrers-table", "ann", "conversions") == "1"
         assert await cell(page, "funnel-table", "signed_up", "count") == "1"
         assert (
@@ -379,7 +477,7 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         await page.evaluate("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
         reached = []
         for _ in range(12):
-            await page.tab()
+            await page.keyboard.press("Tab")
             reached.append(await page.evaluate("document.activeElement.id || document.activeElement.tagName"))
             if reached[-1] == "period":
                 break
@@ -387,17 +485,17 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         assert await page.evaluate("document.querySelector('label[for=period]').textContent") == "Period"
 
         # The period filter joins again with another window: the older users count in 30 days.
-        await page.select("#period", "30")
-        await page.wait_for("document.getElementById('window-days').dataset.value === '30'", timeout=5)
-        await page.wait_for(
-            "document.querySelector('[data-metric=active_users]').dataset.value === '7'", timeout=5
+        await page.select_option("#period", "30")
+        await wait_for(page, "document.getElementById('window-days').dataset.value === '30'", timeout=5)
+        await wait_for(
+            page, "document.querySelector('[data-metric=active_users]').dataset.value === '7'", timeout=5
         )
         same_numbers(await values(page), await api(30))
         assert await page.evaluate("new URLSearchParams(location.search).get('days')") == "30"
         # ...and the live pushes that follow are the 30-day report's.
         await post(world, "invite_sent", "bob", source="buddy_challenge")
-        await page.wait_for(
-            "document.querySelector('[data-metric=invites_sent]').dataset.value === '2'", timeout=5
+        await wait_for(
+            page, "document.querySelector('[data-metric=invites_sent]').dataset.value === '2'", timeout=5
         )
         same_numbers(await values(page), await api(30))
         await still_same_document(page)
@@ -405,17 +503,17 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         # CSV export of a table, built in the browser from the JSON.
         downloads = tmp_path / "downloads"
         downloads.mkdir()
-        await browser.allow_downloads(downloads)
-        await page.click("button[data-csv='top-referrers-30d']")
-        async with asyncio.timeout(5):
-            while not (downloads / "top-referrers-30d.csv").exists():
-                await asyncio.sleep(0.05)
+        async with page.expect_download(timeout=5000) as download_info:
+            await page.click("button[data-csv='top-referrers-30d']")
+        download = await download_info.value
+        assert download.suggested_filename == "top-referrers-30d.csv"
+        await download.save_as(downloads / download.suggested_filename)
         rows = (downloads / "top-referrers-30d.csv").read_text().splitlines()
         assert rows[0].startswith("user_id,conversions")
         assert rows[1].startswith("ann,1,")
 
         # Phone width: the page fits (wide tables scroll inside their own box).
-        await page.viewport(390, 844, mobile=True)
+        await phone_width(page)
         await asyncio.sleep(0.2)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
         await snap(page, shots / "k-factor-390.png")
@@ -445,14 +543,14 @@ async def test_experiments_list_form_buttons_and_live_results(
         assert await page.evaluate(status.format("exp-api")) == "draft"
 
         # The form creates a draft with the chosen target and guardrail metrics.
-        await page.type("#f-key", "exp-form")
-        await page.type("#f-name", "Form made")
-        await page.select("#f-target", "signup")
+        await page.fill("#f-key", "exp-form")
+        await page.fill("#f-name", "Form made")
+        await page.select_option("#f-target", "signup")
         await page.click("#g-opt_out")
-        await page.type("[data-variant-row] [data-v=key]", "plain")
+        await page.fill("[data-variant-row] [data-v=key]", "plain")
         await page.click("#save")
-        await page.wait_for(
-            "!!document.querySelector('[data-row=exp-form]')", what="the new experiment listed"
+        await wait_for(
+            page, "!!document.querySelector('[data-row=exp-form]')", what="the new experiment listed"
         )
         made = (await world.http.get("/api/experiments/exp-form", headers=admin(world))).json()
         assert (made["status"], made["target_metric"], made["guardrail_metrics"]) == (
@@ -464,22 +562,22 @@ async def test_experiments_list_form_buttons_and_live_results(
         # Edit the draft: the form fills in from the list, saves with PATCH.
         await page.click("button[data-action=edit][data-key=exp-form]")
         assert await page.evaluate("document.getElementById('f-key').disabled") is True
-        await page.type("#f-name", "Form made, renamed")
+        await page.fill("#f-name", "Form made, renamed")
         await page.click("#save")
-        await page.wait_for(
-            "document.querySelector('[data-row=exp-form]').textContent.includes('renamed')", timeout=5
+        await wait_for(
+            page, "document.querySelector('[data-row=exp-form]').textContent.includes('renamed')", timeout=5
         )
         renamed = (await world.http.get("/api/experiments/exp-form", headers=admin(world))).json()
         assert renamed["name"] == "Form made, renamed" and renamed["guardrail_metrics"] == ["opt_out"]
         # A bad definition shows the server's per-field errors next to the form.
-        await page.type("#f-key", "bad key!")
+        await page.fill("#f-key", "bad key!")
         await page.click("#save")
-        await page.wait_for("document.getElementById('e-key').textContent.length > 0")
+        await wait_for(page, "document.getElementById('e-key').textContent.length > 0")
 
         # Start, pause and resume with the buttons; the list follows.
         for action, expected in (("start", "running"), ("pause", "paused"), ("start", "running")):
             await page.click(f"button[data-action={action}][data-key=exp-api]")
-            await page.wait_for(f"{status.format('exp-api')} === '{expected}'", timeout=5)
+            await wait_for(page, f"{status.format('exp-api')} === '{expected}'", timeout=5)
             got = (await world.http.get("/api/experiments/exp-api", headers=admin(world))).json()["status"]
             assert got == expected
         await snap(page, shots / "experiments-1280.png")
@@ -501,10 +599,11 @@ async def test_experiments_list_form_buttons_and_live_results(
         await world.advance(timedelta(minutes=5))
         for user in ("c0", "c1", "b0", "b1", "b2", "b3"):
             await post(world, "first_value", user)
-        await detail.wait_for(
-            f"{exposures.format('control')} === '6' && {exposures.format('bold')} === '6'", timeout=5
+        await wait_for(
+            detail, f"{exposures.format('control')} === '6' && {exposures.format('bold')} === '6'", timeout=5
         )
-        await detail.wait_for(
+        await wait_for(
+            detail,
             cell_js("results-table", "bold", "conversions") + " === '4'",
             timeout=5,
         )
@@ -530,10 +629,10 @@ async def test_experiments_list_form_buttons_and_live_results(
         assert await unlabelled(detail) == []
 
         # Declare the winner (with its confirmation): stopped, with that winner.
-        await detail.select("#winner-variant", "bold")
+        await detail.select_option("#winner-variant", "bold")
         await detail.click("#exp-actions [data-action=winner]")
         await detail.click("[data-confirm=yes]")
-        await detail.wait_for("document.getElementById('exp-status').dataset.value === 'stopped'", timeout=5)
+        await wait_for(detail, "document.getElementById('exp-status').dataset.value === 'stopped'", timeout=5)
         final = (await world.http.get("/api/experiments/exp-api", headers=admin(world))).json()
         assert (final["status"], final["winner"]) == ("stopped", "bold")
         no_errors(detail)
@@ -569,7 +668,7 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
         assert checked.status_code == 200
 
         alert = "#alerts-table [data-row='opt_out_rate:loop:buddy_challenge']"
-        await page.wait_for(f'!!document.querySelector("{alert}")', timeout=5, what="the alert pushed live")
+        await wait_for(page, f'!!document.querySelector("{alert}")', timeout=5, what="the alert pushed live")
         assert await page.evaluate(
             f'document.querySelector("{alert} [data-metric=level]").dataset.value'
         ) == ("critical")
@@ -581,8 +680,11 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
         refused = await world.act("ann", "challenge", subject="algebra", friend_id="cat")
         assert refused.status_code == 403
         await page.click("#check-now")
-        await page.wait_for(
-            "!!document.querySelector('#refusals-table [data-row=loop_paused]')", timeout=5, what="refusals"
+        await wait_for(
+            page,
+            "!!document.querySelector('#refusals-table [data-row=loop_paused]')",
+            timeout=5,
+            what="refusals",
         )
         assert await page.evaluate("document.querySelector('[data-metric=flagged]').dataset.value") == "0"
         await snap(page, shots / "guardrails-1280.png")
@@ -590,14 +692,14 @@ async def test_guardrails_page_shows_the_alert_live_and_unpauses(
 
         # Unpause from the page: the paused row goes, and the server agrees.
         await page.click("button[data-unpause='loop:buddy_challenge']")
-        await page.wait_for("!document.querySelector(\"[data-unpause='loop:buddy_challenge']\")", timeout=5)
+        await wait_for(page, "!document.querySelector(\"[data-unpause='loop:buddy_challenge']\")", timeout=5)
         report = (await world.http.get("/api/guardrails", headers=admin(world))).json()
         assert report["paused"]["loops"] == []
         await asyncio.sleep(1.2)  # the push that follows the unpause keeps it gone
         assert await page.evaluate("document.querySelectorAll('[data-unpause]').length") == 0
         assert (await world.act("ann", "challenge", subject="algebra", friend_id="cat")).status_code == 200
 
-        await page.viewport(390, 844, mobile=True)
+        await phone_width(page)
         await asyncio.sleep(0.2)
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
         await snap(page, shots / "guardrails-390.png")
