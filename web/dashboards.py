@@ -1,8 +1,9 @@
 """The admin dashboards in the browser: `/dashboard/k-factor`, `/dashboard/experiments` (and
 `/dashboard/experiments/{key}`), `/dashboard/guardrails`, and their login page.
 
-The pages are static shells (`web/static/`): they carry no data. Their own JavaScript (no third-party
-code) asks `GET /dashboard/session` who is signed in, then joins the `dashboard:*` topics over the
+The pages are static shells (the frame `web/static/shell.html` around `web/static/pages/*.html`):
+they carry no data. Their own JavaScript (no third-party code) asks `GET /dashboard/session` who is
+signed in, then joins the `dashboard:*` topics over the
 Phoenix V2 socket and renders the JSON of the join replies and of every `metrics_update` push; actions
 (experiment lifecycle, unpause) go through the admin REST API. The script never sees a token: the
 browser sends the session cookie with the API calls and the socket upgrade.
@@ -100,6 +101,25 @@ def _static_files() -> dict[str, Path]:
         for p in STATIC.rglob("*")
         if p.is_file() and p.suffix in CONTENT_TYPES
     }
+
+
+# route name → (page body in static/pages/, title, the nav section it belongs to)
+PAGES = {
+    "kfactor": ("K-factor", "k-factor"),
+    "experiments": ("Experiments", "experiments"),
+    "experiment": ("Experiment", "experiments"),
+    "guardrails": ("Guardrails", "guardrails"),
+}
+
+
+def render_page(name: str) -> bytes:
+    """A dashboard page: the shared frame (static/shell.html: head, header, navigation, sign-in gate)
+    around the page's own body (static/pages/NAME.html), with its title, script and current nav link."""
+    title, section = PAGES[name]
+    page = (STATIC / "shell.html").read_text().replace("{{title}}", title).replace("{{script}}", f"{name}.js")
+    for nav in ("k-factor", "experiments", "guardrails"):
+        page = page.replace("{{current:" + nav + "}}", ' aria-current="page"' if nav == section else "")
+    return page.replace("{{main}}", (STATIC / "pages" / f"{name}.html").read_text()).encode()
 
 
 def _file(path: Path, status: int = 200, replace: dict[str, str] | None = None) -> Response:
@@ -220,6 +240,8 @@ def _cookie_claims(request: Request) -> tuple[str, dict[str, Any] | None]:
 
 
 def _page(name: str) -> Any:
+    body = render_page(name)  # once: the frame and the page are static files
+
     async def endpoint(request: Request) -> Response:
         here = _without_token(request.url.path, request.query_params.multi_items())
         token = request.query_params.get("token")
@@ -228,7 +250,7 @@ def _page(name: str) -> Any:
         state, _ = _cookie_claims(request)
         if state != "admin":
             return _to_login(here, None if state == "none" else state, clear=state != "none")
-        return _file(STATIC / name)
+        return Response(body, media_type=CONTENT_TYPES[".html"], headers=security_headers(cache=False))
 
     return endpoint
 
@@ -338,9 +360,9 @@ routes = [
     Route("/dashboard/login", login_post, methods=["POST"]),
     Route("/dashboard/logout", logout, methods=["POST"]),
     Route("/dashboard/session", session),
-    Route("/dashboard/k-factor", _page("kfactor.html")),
-    Route("/dashboard/experiments", _page("experiments.html")),
-    Route("/dashboard/experiments/{key}", _page("experiment.html")),
-    Route("/dashboard/guardrails", _page("guardrails.html")),
+    Route("/dashboard/k-factor", _page("kfactor")),
+    Route("/dashboard/experiments", _page("experiments")),
+    Route("/dashboard/experiments/{key}", _page("experiment")),
+    Route("/dashboard/guardrails", _page("guardrails")),
     Route("/dashboard/static/{path:path}", static),
 ]
