@@ -43,7 +43,13 @@ chromium:
 test: $(STAMP) $(JSSTAMP) chromium lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) $(JSSTAMP)
+BENCHSTAMP := $(VENV)/.installed-bench
+
+$(BENCHSTAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCHSTAMP)
+
+bench: $(BENCHSTAMP) $(JSSTAMP)
 	$(PY) -m bench.broadcast $(BENCH_ARGS)
 
 clean:

@@ -29,6 +29,9 @@ const tokens = cfg.tokens;
 const N = tokens.length;
 const CONNECT_CONCURRENCY = cfg.connect_concurrency ?? 100;
 const HEARTBEAT_MS = cfg.heartbeat_ms ?? 30000;
+// Concurrent publishers: each numbers its own ticks (payload.p is its index), and order is checked per
+// publisher and socket, as a server only promises order from one publisher to one subscriber.
+const P = cfg.publishers ?? 1;
 
 function calibrateOffset() {
   // The smallest gap between the two readings gives the tightest offset.
@@ -66,7 +69,8 @@ const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 // Per-socket state, indexed by the socket's position in `tokens`.
 const sockets = new Array(N);
 const state = new Uint8Array(N); // 0 connecting, 1 joined, 2 failed, 3 closed after joining
-const expected = new Float64Array(N); // next seq this socket should get in the current phase
+const expected = new Float64Array(N * P); // next seq socket i should get from publisher p: [i * P + p]
+const streamsDone = new Uint16Array(N); // publishers whose last tick socket i has seen
 const count = new Uint32Array(N);
 const gaps = new Uint32Array(N); // seqs skipped (frames missing)
 const disorder = new Uint32Array(N); // seqs at or below one already seen (duplicate or reordered)
@@ -96,12 +100,14 @@ function onTick(i, payload) {
     return;
   }
   const seq = payload.seq;
-  const exp = expected[i];
+  const p = payload.p ?? 0;
+  const k = i * P + p;
+  const exp = expected[k];
   if (seq === exp) {
-    expected[i] = seq + 1;
+    expected[k] = seq + 1;
   } else if (seq > exp) {
     gaps[i] += seq - exp;
-    expected[i] = seq + 1;
+    expected[k] = seq + 1;
   } else {
     disorder[i]++;
   }
@@ -115,9 +121,12 @@ function onTick(i, payload) {
   latSum += lat;
   if (firstRecv === 0) firstRecv = t;
   lastRecv = t;
-  if (phase.lastSeq !== null && seq === phase.lastSeq) {
-    phase.reached++;
-    maybeFinishPhase();
+  if (phase.lastSeq !== null && seq === phase.lastSeq[p]) {
+    streamsDone[i]++;
+    if (streamsDone[i] === P) {
+      phase.reached++;
+      maybeFinishPhase();
+    }
   }
 }
 
@@ -205,9 +214,14 @@ function startPhase(cmd) {
 }
 
 function endPhase(cmd) {
-  phase.lastSeq = cmd.last_seq;
+  // last_seq: one number (every publisher) or one per publisher.
+  phase.lastSeq = Array.isArray(cmd.last_seq) ? cmd.last_seq : new Array(P).fill(cmd.last_seq);
   phase.reached = 0;
-  for (let i = 0; i < N; i++) if (state[i] === 1 && expected[i] > cmd.last_seq) phase.reached++;
+  for (let i = 0; i < N; i++) {
+    streamsDone[i] = 0;
+    for (let p = 0; p < P; p++) if (expected[i * P + p] > phase.lastSeq[p]) streamsDone[i]++;
+    if (state[i] === 1 && streamsDone[i] === P) phase.reached++;
+  }
   // Give up when nothing arrives for timeout_ms: what is missing then is reported as dropped.
   const timeout = cmd.timeout_ms ?? 10000;
   phase.lastProgress = now();
@@ -229,7 +243,8 @@ function maybeFinishPhase() {
 
 function finishPhase(timedOut) {
   clearInterval(phase.timer);
-  const perSocket = phase.lastSeq - phase.firstSeq + 1;
+  let perSocket = 0;
+  for (let p = 0; p < P; p++) perSocket += phase.lastSeq[p] - phase.firstSeq + 1;
   let complete = 0;
   let missing = 0;
   let gapSum = 0;
@@ -239,7 +254,9 @@ function finishPhase(timedOut) {
     if (state[i] === 0 || state[i] === 2) continue;
     gapSum += gaps[i];
     disorderSum += disorder[i];
-    const ok = count[i] === perSocket && gaps[i] === 0 && disorder[i] === 0 && expected[i] === phase.lastSeq + 1;
+    let ends = true;
+    for (let p = 0; p < P; p++) if (expected[i * P + p] !== phase.lastSeq[p] + 1) ends = false;
+    const ok = count[i] === perSocket && gaps[i] === 0 && disorder[i] === 0 && ends;
     if (ok) {
       complete++;
     } else {

@@ -62,6 +62,49 @@ def proc_rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (a server started with --workers N runs its workers as children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) summed over `pid` and its live descendants."""
+    user = system = 0.0
+    for each in process_tree(pid):
+        try:
+            u, s = proc_cpu_split(each)
+        except OSError:
+            continue
+        user += u
+        system += s
+    return user, system
+
+
+def tree_rss_kb(pid: int) -> int:
+    total = 0
+    for each in process_tree(pid):
+        try:
+            total += proc_rss_kb(each)
+        except (OSError, RuntimeError):
+            continue
+    return total
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds over all cores since boot, from /proc/stat."""
     with open("/proc/stat") as fh:
@@ -106,9 +149,17 @@ class ServerProcess:
     """A bench server, `python -m MODULE --port P` on 127.0.0.1; memory broker unless `env` says otherwise."""
 
     def __init__(
-        self, kind: str, port: int, workdir: Path, *, module: str, env: dict[str, str] | None = None
+        self,
+        kind: str,
+        port: int,
+        workdir: Path,
+        *,
+        module: str,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.kind = kind
+        self.args = args or []
         self.port = port
         self.module = module
         self.extra_env = env or {}
@@ -136,6 +187,7 @@ class ServerProcess:
                 self.module,
                 "--port",
                 str(self.port),
+                *self.args,
                 cwd=ROOT,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from channels import build_router
 from realtime import Channel, Router
 from web.app import create_app as create_web_app
-from web.cli import uvicorn_options
+from web.cli import WS_IMPLEMENTATIONS, uvicorn_options
 from web.config import Settings
 
 from .common import raise_nofile_limit
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--workers", type=int, default=1, help="processes (use a redis:// BROKER_URL)")
+    # Levers compared in bench/README.md: uvicorn's other WebSocket implementations and event loops.
+    parser.add_argument("--ws", default="fast", choices=sorted(WS_IMPLEMENTATIONS))
+    parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     args = parser.parse_args(argv)
     raise_nofile_limit()
     # Exactly the uvicorn options of `viral-engine serve`.
@@ -55,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         factory=True,
         host=args.host,
         port=args.port,
-        workers=1,
+        workers=args.workers,
         timeout_graceful_shutdown=10.0,
         log_level=args.log_level,
         access_log=False,
-        **uvicorn_options(Settings.from_env()),
+        **uvicorn_options(Settings.from_env(), ws=args.ws, loop=args.loop),
     )
 
 

@@ -145,20 +145,28 @@ class PhoenixEndpoint:
         await send(accept)
 
         fast = scope.get("extensions", {}).get(FAST_TRANSPORT_EXTENSION)
-        outbound: Outbound
         if fast is not None:
-            outbound = fast.attach(max_buffer_bytes=self.limits.outbound_max_bytes, stats=self.stats)
-        else:
-            outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
-        sock = self.open_socket(claims, outbound)
+            # The server reads frames itself and hands them to the socket: no task stays behind
+            # for this connection once this call returns (realtime.uvicorn_protocol).
+            outbound = fast.attach(
+                max_buffer_bytes=self.limits.outbound_max_bytes,
+                stats=self.stats,
+                max_message_bytes=self.limits.max_frame_bytes,
+            )
+            fast.bind(self.open_socket(claims, outbound), self._socket_closed)
+            return
+        asgi_outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
+        sock = self.open_socket(claims, asgi_outbound)
         try:
             await self._receive_loop(sock, receive)
         finally:
-            self.sockets.discard(sock)
-            self.stats.sockets_closed += 1
-            await sock.terminate("closed")
-            if isinstance(outbound, AsgiOutbound):
-                await outbound.aclose()
+            await self._socket_closed(sock)
+            await asgi_outbound.aclose()
+
+    async def _socket_closed(self, sock: Socket) -> None:
+        self.sockets.discard(sock)
+        self.stats.sockets_closed += 1
+        await sock.terminate("closed")
 
     def open_socket(self, claims: dict[str, Any], outbound: Outbound) -> Socket:
         """A socket for an authenticated client, writing to `outbound`, registered with this endpoint."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +98,17 @@ class Socket:
     # Inbound.
 
     async def handle_text(self, data: str | bytes) -> None:
+        pending = self.receive(data)
+        if pending is not None:
+            await pending
+
+    def receive(self, data: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Handle one inbound message as far as it can be without waiting: checks, decoding, rate
+        limit, heartbeats and error replies. Returns what is left to await (a join, a leave, a
+        client event for a channel), or None. The caller awaits it before the next message, so
+        messages are handled in order without a task per heartbeat."""
         if self.closed:
-            return
+            return None
         self.last_seen = now = time.monotonic()
         self.stats.frames_in += 1
         size = len(data)
@@ -109,35 +119,35 @@ class Socket:
             self.close(
                 CLOSE_TOO_BIG, f"frame of {size} bytes exceeds the limit of {self.limits.max_frame_bytes}"
             )
-            return
+            return None
         try:
             msg = serializer.decode(data)
         except ProtocolError as exc:
             self.stats.malformed_frames += 1
             self.close(CLOSE_INVALID_PAYLOAD, f"malformed frame: {exc}")
-            return
+            return None
         if not self._take_token(now):
             self.stats.rate_limited += 1
             self._strikes += 1
             if self._strikes >= self.limits.rate_strikes_before_close:
                 self.close(CLOSE_POLICY, "rate limit exceeded repeatedly")
-                return
+                return None
             self._reply(msg, "error", {"reason": "rate limited", "retry_after_ms": self._retry_after_ms()})
-            return
+            return None
         self._strikes = 0
         event = msg.event
         if event == serializer.HEARTBEAT and msg.topic == serializer.PHOENIX_TOPIC:
             self._reply(msg, "ok", {})
-        elif event == serializer.PHX_JOIN:
-            await self._join(msg)
-        elif event == serializer.PHX_LEAVE:
-            await self._leave(msg)
-        else:
-            channel = self.channels.get(msg.topic)
-            if channel is None:
-                self._reply(msg, "error", {"reason": "unmatched topic"})
-            else:
-                await self._dispatch(channel, msg)
+            return None
+        if event == serializer.PHX_JOIN:
+            return self._join(msg)
+        if event == serializer.PHX_LEAVE:
+            return self._leave(msg)
+        channel = self.channels.get(msg.topic)
+        if channel is None:
+            self._reply(msg, "error", {"reason": "unmatched topic"})
+            return None
+        return self._dispatch(channel, msg)
 
     def handle_binary(self) -> None:
         self.stats.malformed_frames += 1

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from realtime import TokenVerifier
@@ -23,29 +24,41 @@ from realtime import TokenVerifier
 from .config import ConfigError, Settings
 
 ROLES = ("student", "parent", "tutor", "admin")
-# "fast" writes pre-built frames straight to the transport; the others are uvicorn's own
-# implementations driven through plain ASGI (the portable path), kept for comparison and debugging.
+# "fast" is realtime.uvicorn_protocol: no task per socket, frames handed to the socket directly,
+# pre-built frames batched per tick and written straight to the transport. The others are uvicorn's
+# own implementations driven through plain ASGI (the portable path), kept for comparison and
+# debugging ("wsproto" needs the wsproto package, in the `bench` extra).
 WS_IMPLEMENTATIONS = {
     "fast": "realtime.uvicorn_protocol:PhoenixWebSocketProtocol",
     "websockets-sansio": "websockets-sansio",
     "websockets": "websockets",
+    "wsproto": "wsproto",
 }
 
 
 def raise_open_files_limit() -> None:
     """Every socket is a file descriptor: lift the soft limit to the hard one, and say what it is."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # A privileged process (root, or CAP_SYS_RESOURCE) may raise the hard limit too, up to fs.nr_open.
+    want = 1 << 20
+    with contextlib.suppress(OSError, ValueError):
+        want = min(want, int(Path("/proc/sys/fs/nr_open").read_text()))
+    for limit in ((want, want), (hard, hard)):
+        if soft >= limit[0]:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            break
+        except (ValueError, OSError):
+            continue
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     logging.getLogger("viral.serve").info("open files limit %d (about that many sockets per process)", soft)
 
 
-def uvicorn_options(settings: Settings, *, ws: str = "fast") -> dict[str, Any]:
+def uvicorn_options(settings: Settings, *, ws: str = "fast", loop: str = "uvloop") -> dict[str, Any]:
     """The uvicorn settings every web process runs with (the benchmarks reuse them, so they cannot drift)."""
     return {
-        "loop": "uvloop",
+        "loop": loop,
         "http": "httptools",
         "ws": WS_IMPLEMENTATIONS[ws],
         # Broadcast frames are built once and shared, so they cannot be compressed per socket.
