@@ -1,4 +1,4 @@
-"""The `viral-engine` command: serve, worker, migrate, token."""
+"""The `viral-engine` command: serve, worker, migrate, token, loadtest."""
 
 from __future__ import annotations
 
@@ -279,6 +279,14 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _loadtest(argv: list[str]) -> int:
+    """`viral-engine loadtest …` (SPEC §10): bench/loadtest.py, imported only when asked for. It
+    takes no server settings (its key comes from --secret, SECRET_KEY or .viral-engine-secret)."""
+    from bench.loadtest import main as loadtest_main
+
+    return loadtest_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="viral-engine", description="Real-time growth backend.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,10 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--opted-out", action="store_true", help="the user turned social features off")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     token.set_defaults(func=_token)
+
+    # Parsed by bench/loadtest.py (see main()); listed here for `viral-engine --help`.
+    sub.add_parser(
+        "loadtest",
+        add_help=False,
+        help="open N real sockets against a server on this machine and drive a scenario "
+        "(viral-engine loadtest --help)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        # Before the server's settings: they would make a development key file if there is none.
+        return _loadtest(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
