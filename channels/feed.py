@@ -104,8 +104,9 @@ def row_payload(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict[str, int]:
-    """Reserve `counts[feed]` consecutive offsets in each feed; returns the first offset of each.
+async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict[str, tuple[int, str]]:
+    """Reserve `counts[feed]` consecutive offsets in each feed; returns the first offset and the epoch
+    of each.
 
     Feed rows are locked in name order (PostgreSQL: SELECT … FOR UPDATE), so workers processing
     batches at the same time wait for each other instead of deadlocking; SQLite locks the database.
@@ -120,16 +121,16 @@ async def reserve_offsets(session: AsyncSession, counts: dict[str, int]) -> dict
     )
     rows = (
         await session.execute(
-            select(Feed.name, Feed.next_offset)
+            select(Feed.name, Feed.next_offset, Feed.epoch)
             .where(Feed.name.in_(names))
             .order_by(Feed.name)
             .with_for_update()
         )
     ).all()
-    first = {name: int(offset) for name, offset in rows}
+    first = {name: (int(offset), epoch) for name, offset, epoch in rows}
     await session.execute(
         update(Feed),
-        [{"name": name, "next_offset": first[name] + counts[name]} for name in names],
+        [{"name": name, "next_offset": first[name][0] + counts[name]} for name in names],
     )
     return first
 
@@ -184,7 +185,8 @@ class FeedConsumer:
         counts: dict[str, int] = {}
         for feed, *_ in planned:
             counts[feed] = counts.get(feed, 0) + 1
-        next_offset = await reserve_offsets(session, counts)
+        reserved = await reserve_offsets(session, counts)
+        next_offset = {feed: offset for feed, (offset, _) in reserved.items()}
         now = utcnow()
         rows = []
         for feed, text, event_id, activity in planned:
@@ -203,8 +205,11 @@ class FeedConsumer:
         await session.execute(insert(FeedItem), rows)
 
         async def push() -> None:
+            # Live items carry the feed's epoch: a client that joined before the feed had any item
+            # (epoch "") learns it here, so it can resume with `since` after a reconnect.
             for row in rows:
-                await self.hub.broadcast(feed_topic(row["feed"]), ITEM_EVENT, row_payload(row))
+                payload = {**row_payload(row), "epoch": reserved[row["feed"]][1]}
+                await self.hub.broadcast(feed_topic(row["feed"]), ITEM_EVENT, payload)
 
         return push
 

@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from metrics.stream import redis_from_url
 from realtime import Hub
 from store import Database, ScoreEntry, User
 
@@ -109,6 +109,7 @@ class BoardStore(Protocol):
     async def exists(self, key: str) -> bool: ...
     async def add(self, key: str, member: str, points: int, ttl: int | None) -> None: ...
     async def replace(self, key: str, scores: dict[str, int], ttl: int | None) -> None: ...
+    async def raise_to(self, key: str, scores: dict[str, int], ttl: int | None) -> None: ...
     async def top(self, key: str, n: int) -> list[tuple[str, int]]: ...
     async def standing(self, key: str, member: str) -> Standing | None: ...
     async def set_label(self, member: str, label: Label) -> None: ...
@@ -131,6 +132,11 @@ class MemoryBoards:
 
     async def replace(self, key: str, scores: dict[str, int], ttl: int | None) -> None:
         self._boards[key] = dict(scores)
+
+    async def raise_to(self, key: str, scores: dict[str, int], ttl: int | None) -> None:
+        board = self._boards.setdefault(key, {})
+        for member, score in scores.items():
+            board[member] = max(board.get(member, score), score)
 
     async def top(self, key: str, n: int) -> list[tuple[str, int]]:
         board = self._boards.get(key, {})
@@ -165,7 +171,7 @@ class RedisBoards:
     LABELS = "lb:labels"
 
     def __init__(self, url: str) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2)
+        self._redis = redis_from_url(url)
 
     async def exists(self, key: str) -> bool:
         return bool(await self._redis.exists(key))
@@ -184,6 +190,17 @@ class RedisBoards:
                 pipe.zadd(key, {m: -s for m, s in scores.items()})
                 if ttl:
                     pipe.expire(key, ttl)
+            await pipe.execute()
+
+    async def raise_to(self, key: str, scores: dict[str, int], ttl: int | None) -> None:
+        """Set each member's total, unless the board already holds a higher one (ZADD LT on the
+        negated points): totals only grow, so a stale write never lowers a fresher one."""
+        if not scores:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {m: -s for m, s in scores.items()}, lt=True)
+            if ttl:
+                pipe.expire(key, ttl)
             await pipe.execute()
 
     async def top(self, key: str, n: int) -> list[tuple[str, int]]:
@@ -259,9 +276,23 @@ class Leaderboards:
             if start is not None:
                 query = query.where(ScoreEntry.ts >= start)
             scores = {user: int(total) for user, total in (await session.execute(query)).all() if total}
-        await self.store.replace(board_key(subject, window, now), scores, TTL[window])
+        # Raised, not replaced: totals another process set meanwhile from fresher rows stay.
+        await self.store.raise_to(board_key(subject, window, now), scores, TTL[window])
         log.info("rebuilt leaderboard %s/%s from the database (%d users)", subject, window, len(scores))
         return len(scores)
+
+    async def totals(self, subject: str, window: str, now: datetime, users: set[str]) -> dict[str, int]:
+        """These users' points on the board, from the score rows (the truth)."""
+        query = (
+            select(ScoreEntry.user_id, func.sum(ScoreEntry.points))
+            .where(ScoreEntry.user_id.in_(users), ScoreEntry.subject == subject)
+            .group_by(ScoreEntry.user_id)
+        )
+        start = window_start(window, now)
+        if start is not None:
+            query = query.where(ScoreEntry.ts >= start)
+        async with self.database.session() as session:
+            return {user: int(total) for user, total in (await session.execute(query)).all() if total}
 
     async def top(self, subject: str, window: str, now: datetime) -> tuple[str, list[dict[str, Any]]]:
         """The board's key and its top entries, ranked, with names as viewers may see them."""
@@ -339,17 +370,19 @@ class LeaderboardConsumer:
         }
 
         async def apply() -> None:
+            # The cached boards are set to each touched user's total read back from the rows, not
+            # incremented: a board rebuilt from the rows meanwhile (which already counts these) or
+            # an apply that ran twice cannot count anything twice.
             store = self.boards.store
             now = datetime.now(UTC)
-            totals: dict[tuple[str, str, str], int] = {}  # (subject, window, user) -> points to add
+            touched: dict[tuple[str, str], set[str]] = {}  # (subject, window) -> users
             for row in rows:
                 user = users.get(row["user_id"])
                 if user is not None and user.opted_out:
                     continue  # scored (it counts if they opt back in and boards are rebuilt), never shown
                 for window in WINDOWS:
                     if period(window, row["ts"]) == period(window, now):  # backfills: the database has them
-                        key = (row["subject"], window, row["user_id"])
-                        totals[key] = totals.get(key, 0) + row["points"]
+                        touched.setdefault((row["subject"], window), set()).add(row["user_id"])
             for user_id in user_ids:
                 user = users.get(user_id)
                 label = (
@@ -358,13 +391,12 @@ class LeaderboardConsumer:
                     else Label(user.display_name, False)
                 )
                 await store.set_label(user_id, label)
-            rebuilt: dict[tuple[str, str], bool] = {}
-            for (subject, window, user_id), points in totals.items():
-                if (subject, window) not in rebuilt:
-                    _, rebuilt[(subject, window)] = await self.boards.ensure(subject, window, now)
-                if not rebuilt[(subject, window)]:  # a rebuilt board already holds these points
-                    await store.add(board_key(subject, window, now), user_id, points, TTL[window])
-            for subject in {s for s, _, _ in totals}:
+            for (subject, window), members in touched.items():
+                key, rebuilt = await self.boards.ensure(subject, window, now)
+                if not rebuilt:  # a rebuilt board already holds these points
+                    totals = await self.boards.totals(subject, window, now, members)
+                    await store.raise_to(key, totals, TTL[window])
+            for subject in {s for s, _ in touched}:
                 await self.hub.publish_raw(CHANGES_TOPIC, orjson.dumps({"subject": subject}))
 
         return apply

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from store import Click, Conversion, Link
 
 from .fraud import OK, Candidate, FraudRules, assess, pay_referral
-from .links import DEFAULT_TTL, LinkError, LinkSigner
+from .links import DEFAULT_TTL, LinkError, LinkSigner, check_target
 from .rewards import Paid, pay
 
 WINDOW = timedelta(days=7)
@@ -48,7 +48,9 @@ async def create_link(
     campaign: str | None = None,
 ) -> Link:
     """Sign and record an invite link (`POST /api/links` and the loops both make links here).
-    `source` and `target` must already be checked (SOURCES, check_target)."""
+    `source` must already be checked (SOURCES); a `target` off the allow-list raises ValueError, so no
+    caller can make a link that leads off-site (check_target)."""
+    target = check_target(target)
     link = signer.issue(referrer, int(now.timestamp()), ttl)
     row = Link(
         nonce=link.nonce,

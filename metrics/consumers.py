@@ -52,6 +52,7 @@ class RunnerStats:
     retries: int = 0
     parked: int = 0
     reconciled: int = 0
+    waits_for_database: int = 0
 
 
 class ConsumerRunner:
@@ -167,9 +168,14 @@ class ConsumerRunner:
                 await self.process(consumer, event)
 
     async def process(self, consumer: Consumer, event: dict[str, Any]) -> str:
-        """Process one event for one consumer: 'done', 'duplicate' or 'parked'. Never raises."""
+        """Process one event for one consumer: 'done', 'duplicate' or 'parked'. Never raises.
+
+        A failure while the database does not answer is not the event's fault: it does not count as
+        an attempt, and the event waits for the database instead of being parked."""
         last_error = ""
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        while attempt < self.max_attempts:
+            attempt += 1
             try:
                 return "done" if await self._apply(consumer, [event], attempt) else "duplicate"
             except IntegrityError:
@@ -179,6 +185,10 @@ class ConsumerRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if not await self.database.ping():
+                    attempt -= 1
+                    await self._wait_for_database(consumer, exc)
+                    continue
                 last_error = "".join(traceback.format_exception_only(exc)).strip()
                 log.warning(
                     "consumer %s failed on event %s (attempt %d): %s",
@@ -192,6 +202,14 @@ class ConsumerRunner:
                     await asyncio.sleep(self.retry_base_delay * 2 ** (attempt - 1))
         await self._park(consumer, event, last_error)
         return "parked"
+
+    async def _wait_for_database(self, consumer: Consumer, error: Exception) -> None:
+        log.warning("consumer %s: the database is unavailable (%s); waiting for it", consumer.name, error)
+        self.stats.waits_for_database += 1
+        delay = 0.2
+        while not await self.database.ping():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _park(self, consumer: Consumer, event: dict[str, Any], error: str) -> None:
         self.stats.parked += 1

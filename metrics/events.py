@@ -33,6 +33,8 @@ EVENT_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 MAX_PROPS_BYTES = 4096
+# Props are small records; deeper nesting is refused (the encoder would fail past 254 levels).
+MAX_PROPS_DEPTH = 32
 # Clients' clocks drift; their events may claim a time this far from ours. Admins may backfill any past time.
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -64,6 +66,22 @@ def parse_ts(value: Any) -> datetime:
             raise ValueError("must carry a timezone (e.g. 2026-01-01T10:00:00Z)")
         return parsed.astimezone(UTC)
     raise ValueError("must be an ISO 8601 timestamp or epoch seconds")
+
+
+def _nesting(value: Any) -> int:
+    """How many objects and arrays deep `value` goes (iteratively: input may be nested thousands deep)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_PROPS_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def validate_event(raw: Any, *, caller: str, is_admin: bool, now: datetime) -> EventIn:
@@ -113,7 +131,13 @@ def validate_event(raw: Any, *, caller: str, is_admin: bool, now: datetime) -> E
         raise EventRejected(errors)
     import orjson
 
-    if len(orjson.dumps(props)) > MAX_PROPS_BYTES:
+    if _nesting(props) > MAX_PROPS_DEPTH:
+        raise EventRejected({"props": f"must nest objects and arrays at most {MAX_PROPS_DEPTH} levels deep"})
+    try:
+        encoded = orjson.dumps(props)
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits from a JSON body
+        raise EventRejected({"props": f"cannot be stored as JSON: {exc}"}) from None
+    if len(encoded) > MAX_PROPS_BYTES:
         raise EventRejected({"props": f"must encode to at most {MAX_PROPS_BYTES} bytes"})
     assert isinstance(etype, str) and isinstance(user_id, str) and isinstance(event_id, str)
     return EventIn(event_id, etype, user_id, ts, props)

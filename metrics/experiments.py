@@ -120,13 +120,13 @@ def check_definition(body: Any, *, creating: bool) -> dict[str, Any]:
                 errors["variants"] = "weights must add up to 1"
             out["variants"] = clean
     if creating or "target_metric" in body:
-        if body.get("target_metric") not in EVENT_TYPES:
+        if not isinstance(body.get("target_metric"), str) or body["target_metric"] not in EVENT_TYPES:
             errors["target_metric"] = f"must be an event type: {sorted(EVENT_TYPES)}"
         else:
             out["target_metric"] = body["target_metric"]
     if "guardrail_metrics" in body:
         g = body["guardrail_metrics"]
-        if not isinstance(g, list) or not all(m in EVENT_TYPES for m in g):
+        if not isinstance(g, list) or not all(isinstance(m, str) and m in EVENT_TYPES for m in g):
             errors["guardrail_metrics"] = "must list event types (bad outcomes, e.g. opt_out)"
         else:
             out["guardrail_metrics"] = list(dict.fromkeys(g))

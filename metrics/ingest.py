@@ -53,9 +53,12 @@ def event_message(event: Event) -> dict[str, Any]:
 
 
 class EventIngest:
-    def __init__(self, database: Database, stream: EventStream) -> None:
+    def __init__(self, database: Database, stream: EventStream, *, write_timeout: float = 5.0) -> None:
+        """`write_timeout` bounds the storing transaction: a database that does not answer in time
+        (a network partition hangs rather than refuses) gets the caller a prompt "unavailable"."""
         self.database = database
         self.stream = stream
+        self.write_timeout = write_timeout
         self._streamed: set[str] = set()
         self._marker: asyncio.Task[None] | None = None
 
@@ -83,7 +86,11 @@ class EventIngest:
         ]
         insert = dialect_insert(self.database.dialect)
         try:
-            async with self.database.session() as session, session.begin():
+            async with (
+                asyncio.timeout(self.write_timeout),
+                self.database.session() as session,
+                session.begin(),
+            ):
                 # One cached statement, many parameter sets: SQLAlchemy batches them into multi-row
                 # INSERTs ("insertmanyvalues") and still tells us which rows were new.
                 stmt = insert(Event).on_conflict_do_nothing(index_elements=["id"]).returning(Event.id)
@@ -103,8 +110,13 @@ class EventIngest:
                         )
                     )
         except Exception as exc:
-            log.warning("event ingest could not write to the database: %s", exc)
-            raise IngestUnavailable(str(exc)) from exc
+            # A timeout may strike during COMMIT, so the events may in fact be stored: the caller retries
+            # with the same ids and is told `duplicate`; never is a batch answered accepted and not stored.
+            reason = (
+                f"no answer within {self.write_timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            )
+            log.warning("event ingest could not write to the database: %s", reason)
+            raise IngestUnavailable(reason) from exc
         if created:
             await self.publish([Event(**row) for row in rows if row["id"] in created])
         return [Accepted(e.id, e.id not in created) for e in events]

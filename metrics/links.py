@@ -4,7 +4,8 @@ A link token is `{random}.{key id}.{expiry}.{signature}`: 128 random bits (URL-s
 key that signed it, the expiry in epoch seconds, and HMAC-SHA256 over random part, referrer and
 expiry. The referrer is not in the token (it is looked up by the random part), so the signature
 also proves the stored referrer is the one the link was made for. Keys rotate: every key in
-`SECRET_KEY` + `SECRET_KEY_OLD` verifies, the first signs.
+`SECRET_KEY` + `SECRET_KEY_OLD` verifies, the first signs; the old ones only before `old_until` (epoch
+seconds, `SECRET_KEY_OLD_UNTIL`), judged at the moment `verify` is told (a click's, or a signup's).
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class ParsedLink:
 
 
 class LinkSigner:
-    def __init__(self, secret: str, old_secrets: Sequence[str] = ()) -> None:
+    def __init__(self, secret: str, old_secrets: Sequence[str] = (), old_until: float | None = None) -> None:
         self._current = secret
         self._keys = {key_id(k): k for k in (secret, *old_secrets)}
+        self._old_until = old_until
 
     def _sign(self, key: str, nonce: str, referrer: str, expires: int) -> str:
         message = f"{nonce}\x00{referrer}\x00{expires}".encode()
@@ -90,6 +92,13 @@ class LinkSigner:
     def verify(self, link: ParsedLink, referrer: str, now: int) -> None:
         """Raise LinkError unless `link` was signed by one of our keys for `referrer` and is unexpired."""
         key = self._keys.get(link.kid)
+        if (
+            key is not None
+            and key != self._current
+            and self._old_until is not None
+            and now >= self._old_until
+        ):
+            key = None  # the rotation's grace period is over
         if key is None:
             raise LinkError("unknown_key", "this invite link was signed with a key we no longer accept")
         expected = self._sign(key, link.nonce, referrer, link.expires)
@@ -99,10 +108,15 @@ class LinkSigner:
             raise LinkError("expired", "this invite link has expired")
 
 
-def check_target(target: str | None) -> str:
+def check_target(target: object) -> str:
     """The app path a link leads to; only allow-listed paths (never another site)."""
     if target is None or target == "/":
         return "/"
-    if not TARGET.match(target) or "//" in target or not target.startswith(TARGET_PREFIXES):
+    if (
+        not isinstance(target, str)
+        or not TARGET.match(target)
+        or "//" in target
+        or not target.startswith(TARGET_PREFIXES)
+    ):
         raise ValueError(f"target must be an app path starting with one of {list(TARGET_PREFIXES)}")
     return target

@@ -22,13 +22,29 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
 
 class StreamUnavailable(Exception):
     pass
+
+
+def redis_from_url(url: str) -> aioredis.Redis:
+    """A Redis client that survives a Redis restart: a pooled connection that died with the old server
+    is reconnected and the command retried (without this, the first use of each such connection fails,
+    so every connection the pool held is one error after a restart)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +105,7 @@ class RedisEventStream:
     KEY = "events:stream"
 
     def __init__(self, url: str, *, maxlen: int = 1_000_000, claim_idle: float = 30.0) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=2)
+        self._redis = redis_from_url(url)
         self._maxlen = maxlen
         self._claim_idle_ms = int(claim_idle * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}"
@@ -180,7 +196,7 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def stream_from_url(url: str) -> EventStream:
+def stream_from_url(url: str, *, claim_idle: float = 30.0) -> EventStream:
     if url.startswith("memory://"):
         return MemoryEventStream()
-    return RedisEventStream(url)
+    return RedisEventStream(url, claim_idle=claim_idle)

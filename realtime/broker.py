@@ -19,7 +19,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,16 @@ class RedisBroker:
 
     def __init__(self, url: str, *, reconnect_max_delay: float = 2.0) -> None:
         self.url = url
-        self._redis = aioredis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=2)
+        # Retried on a connection error: after a Redis restart every connection the pool held is dead,
+        # and without a retry the first command on each would fail (a publish refused with 503 although
+        # Redis is back). The retry reconnects and sends the command again.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            health_check_interval=10,
+            socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         self._topics: set[str] = set()
         self._deliver: Deliver | None = None
@@ -124,7 +137,7 @@ class RedisBroker:
                     await task
         self._probe = self._reader = self._sub_flusher = None
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
         with contextlib.suppress(Exception):
             await self._redis.aclose()
 
@@ -229,7 +242,7 @@ class RedisBroker:
         async with self._sub_lock:
             try:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 channels = [self._node_channel, *(self._channel(t) for t in self._topics)]
                 await self._pubsub.subscribe(*channels)
             except Exception as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -20,7 +21,14 @@ from .broker import Broker
 from .hub import Hub
 from .outbound import AsgiOutbound, Outbound
 from .router import Router
-from .socket import CLOSE_GOING_AWAY, Socket, SocketLimits
+from .socket import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    Socket,
+    SocketLimits,
+)
 from .stats import RealtimeStats
 from .tokens import InvalidToken, TokenVerifier, token_from_subprotocols
 
@@ -34,6 +42,8 @@ ConnectHook = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # A server that can write pre-built frames to the transport puts an object under this key in
 # scope["extensions"] (see realtime.uvicorn_protocol); without it the portable ASGI path is used.
 FAST_TRANSPORT_EXTENSION = "realtime.transport"
+# Put there by ExposeTransportAbort: a callable that drops the connection at once.
+TRANSPORT_ABORT_EXTENSION = "realtime.abort"
 
 
 class ConnectRefused(Exception):
@@ -68,6 +78,7 @@ class PhoenixEndpoint:
         # Whatever the application's channels need (services, settings); handed to every socket.
         self.context = context
         self.sockets: set[Socket] = set()
+        self.max_sockets = self.limits.max_sockets or _default_max_sockets()
         self._sweep_interval = sweep_interval or max(0.5, min(5.0, self.limits.idle_timeout / 4))
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -123,6 +134,14 @@ class PhoenixEndpoint:
         except serializer.ProtocolError as exc:
             await self._deny(scope, send, 400, str(exc))
             return
+        if len(self.sockets) >= self.max_sockets:
+            await self._deny(
+                scope,
+                send,
+                503,
+                f"this server holds its maximum of {self.max_sockets} sockets; retry or use another node",
+            )
+            return
         offered: list[str] = list(scope.get("subprotocols") or [])
         token = _first(query, "token") or token_from_subprotocols(offered)
         if not token and self.token_cookie:
@@ -155,7 +174,12 @@ class PhoenixEndpoint:
             )
             fast.bind(self.open_socket(claims, outbound), self._socket_closed)
             return
-        asgi_outbound = AsgiOutbound(send, max_messages=self.limits.outbound_max_messages, stats=self.stats)
+        asgi_outbound = AsgiOutbound(
+            send,
+            max_messages=self.limits.outbound_max_messages,
+            stats=self.stats,
+            abort=scope.get("extensions", {}).get(TRANSPORT_ABORT_EXTENSION) or _transport_abort(send),
+        )
         sock = self.open_socket(claims, asgi_outbound)
         try:
             await self._receive_loop(sock, receive)
@@ -194,6 +218,16 @@ class PhoenixEndpoint:
                 else:
                     sock.handle_binary()
             elif kind == "websocket.disconnect":
+                if not sock.closed:
+                    # The server's WebSocket layer refused a frame before the socket saw it (on
+                    # uvicorn's websockets-sansio: frames over 4x the limit, protocol errors, bad
+                    # UTF-8) and reports the code it closed with. A client that itself closes with
+                    # one of these codes is counted the same way.
+                    code = message.get("code")
+                    if code == CLOSE_TOO_BIG:
+                        self.stats.oversized_frames += 1
+                    elif code in (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_PAYLOAD):
+                        self.stats.malformed_frames += 1
                 return
 
     async def _deny(self, scope: Scope, send: Send, status: int, reason: str) -> None:
@@ -211,6 +245,43 @@ class PhoenixEndpoint:
 
     async def broadcast(self, topic: str, event: str, payload: Any) -> int:
         return await self.hub.broadcast(topic, event, payload)
+
+
+# File descriptors kept free when the socket cap is derived from the open-files limit: database and
+# Redis pools, HTTP requests (/metrics, the API), log files and handshakes in flight.
+FD_RESERVE = 512
+
+
+def _default_max_sockets() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft - FD_RESERVE)
+
+
+class ExposeTransportAbort:
+    """ASGI middleware for the portable path, to be outermost (before anything wraps `send`): puts
+    the server's way to drop a WebSocket connection at once into the scope's extensions, so the
+    endpoint can end a connection whose client stopped reading (see AsgiOutbound)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            abort = _transport_abort(send)
+            if abort is not None:
+                scope["extensions"] = {**(scope.get("extensions") or {}), TRANSPORT_ABORT_EXTENSION: abort}
+        await self.app(scope, receive, send)
+
+
+def _transport_abort(send: Send) -> Callable[[], None] | None:
+    """The server's way to drop a connection at once, if it shows one: uvicorn's WebSocket protocols
+    pass their bound `send`, whose object holds the asyncio transport. `transport.close()` waits for
+    a full write buffer to drain, which a client that stopped reading never lets happen."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else None
 
 
 def _first(query: dict[str, list[str]], key: str) -> str | None:

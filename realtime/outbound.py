@@ -38,10 +38,29 @@ class Outbound(Protocol):
         """Start a close handshake with this code and reason; later sends are dropped."""
 
 
-class AsgiOutbound:
-    """Portable outbound queue over the ASGI `send` callable, bounded in messages."""
+# How long a closing socket on the ASGI path may take to finish before its connection is aborted.
+CLOSE_TIMEOUT = 5.0
 
-    __slots__ = ("_closed", "_max_messages", "_queue", "_send", "_stats", "_task", "_wakeup")
+
+class AsgiOutbound:
+    """Portable outbound queue over the ASGI `send` callable, bounded in messages.
+
+    A close goes out behind what was already queued (the client sees its replies, then the close),
+    except for a slow consumer, whose queue is dropped. A connection still there CLOSE_TIMEOUT after
+    its close began (a client that stopped reading: the server's `send` waits for ever on a full
+    transport) is ended with `abort`, when the server gives us one."""
+
+    __slots__ = (
+        "_abort",
+        "_closed",
+        "_max_messages",
+        "_queue",
+        "_send",
+        "_stats",
+        "_task",
+        "_timer",
+        "_wakeup",
+    )
 
     _CLOSE = object()
 
@@ -51,8 +70,11 @@ class AsgiOutbound:
         *,
         max_messages: int,
         stats: RealtimeStats,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self._send = send
+        self._abort = abort
+        self._timer: asyncio.TimerHandle | None = None
         self._max_messages = max_messages
         self._stats = stats
         self._queue: deque[Any] = deque()
@@ -75,6 +97,7 @@ class AsgiOutbound:
             return
         if len(self._queue) >= self._max_messages:
             self._stats.slow_consumers_dropped += 1
+            self._queue.clear()  # a slow consumer's backlog is dropped; the close goes out next
             self.start_close(
                 CLOSE_SLOW_CONSUMER, f"slow consumer: more than {self._max_messages} messages queued"
             )
@@ -86,9 +109,15 @@ class AsgiOutbound:
         if self._closed:
             return
         self._closed = True
-        self._queue.clear()
         self._queue.append((self._CLOSE, code, reason))
         self._wakeup.set()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._give_up)
+
+    def _give_up(self) -> None:
+        self._timer = None
+        if self._abort is not None:
+            self._stats.close_timeouts += 1
+            self._abort()
 
     async def _drain(self) -> None:
         try:
@@ -110,6 +139,9 @@ class AsgiOutbound:
             self._closed = True
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

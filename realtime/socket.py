@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -40,12 +41,18 @@ class SocketLimits:
     # Inbound messages: a token bucket refilled at `rate_per_second` up to `rate_burst`.
     rate_per_second: float = 50.0
     rate_burst: float = 100.0
-    # A socket refused this many messages in a row by the rate limit is closed.
+    # Refusals by the rate limit count up as strikes and each accepted message takes one back, so a
+    # client that keeps sending faster than twice the rate reaches this many and is closed (1008),
+    # while one that strays over the limit now and then only gets "rate limited" replies.
     rate_strikes_before_close: int = 500
     # Outbound bound: bytes buffered in the transport (fast path) or messages queued (ASGI path).
     outbound_max_bytes: int = 1 << 20
     outbound_max_messages: int = 1024
     idle_timeout: float = 60.0
+    # Sockets one process accepts (a node-wide cap, not per socket). 0: the open-files limit minus
+    # FD_RESERVE, so a full node refuses upgrades with 503 instead of running out of descriptors
+    # for its database, Redis and /metrics connections.
+    max_sockets: int = 0
 
 
 class Socket:
@@ -134,7 +141,8 @@ class Socket:
                 return None
             self._reply(msg, "error", {"reason": "rate limited", "retry_after_ms": self._retry_after_ms()})
             return None
-        self._strikes = 0
+        if self._strikes:
+            self._strikes -= 1
         event = msg.event
         if event == serializer.HEARTBEAT and msg.topic == serializer.PHOENIX_TOPIC:
             self._reply(msg, "ok", {})

@@ -23,6 +23,8 @@ class RealtimeStats:
     rate_limited: int = 0
     slow_consumers_dropped: int = 0
     idle_timeouts: int = 0
+    # Closes the client never finished (no echo, or not reading): the connection was aborted.
+    close_timeouts: int = 0
     channel_crashes: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -140,6 +140,7 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
         "_queue",
         "_request",
         "_shared",
+        "_skip",
         "_sock",
         "_state",
         "_stats",
@@ -178,6 +179,7 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._frag: list[bytes] | None = None
         self._frag_op = 0
+        self._skip = 0
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 
     # asyncio.Protocol.
@@ -226,6 +228,13 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
                 if len(self._buf) > self._max_message + MAX_REQUEST_BYTES:
                     self._fail(CLOSE_TOO_BIG, "too much data before the socket was ready")
             return
+        if self._skip:
+            # The rest of a refused frame's payload: dropped unread.
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0
         buf = self._buf
         if buf is not None:
             buf += data
@@ -468,7 +477,10 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
     # Inbound frames.
 
     def _parse(self, data: bytes | bytearray) -> int:
-        """Handle every complete frame in `data`; returns how many bytes were used."""
+        """Handle every complete frame in `data`; returns how many bytes were used. A frame that is
+        refused is refused from its header, and its payload skipped, not read: the frame boundary is
+        still known, so the client's close echo after it is found and nothing after the refusal is
+        taken for another error."""
         pos = 0
         end = len(data)
         while end - pos >= 2 and self._state != _CLOSED:
@@ -487,38 +499,43 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
                 (length,) = struct.unpack_from("!Q", data, pos + 2)
                 head = pos + 10
             opcode = b0 & 0x0F
+            masked = b1 & 0x80
+            stop = head + (4 if masked else 0) + length
+            error: tuple[int, str] | None = None
             if b0 & 0x70:
-                self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
-                return end
-            if not b1 & 0x80:
-                self._fail(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-                return end
-            if opcode >= 0x8:
-                if length > 125 or not b0 & 0x80:
-                    self._fail(
-                        CLOSE_PROTOCOL_ERROR, "control frames must be unfragmented and at most 125 bytes"
-                    )
-                    return end
+                error = (CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+            elif not masked:
+                error = (CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+            elif opcode >= 0x8:
+                if opcode > _OP_PONG:
+                    error = (CLOSE_PROTOCOL_ERROR, f"reserved control opcode {opcode:#x}")
+                elif length > 125 or not b0 & 0x80:
+                    error = (CLOSE_PROTOCOL_ERROR, "control frames must be unfragmented, at most 125 bytes")
             elif opcode > _OP_BINARY:
-                self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
-                return end
+                error = (CLOSE_PROTOCOL_ERROR, f"reserved data opcode {opcode:#x}")
+            elif self._state != _OPEN:
+                error = (0, "")  # a data frame while closing: skipped unread
             else:
                 size = length + (sum(len(f) for f in self._frag) if self._frag else 0)
                 if size > self._max_message:
                     if self._stats is not None:
                         self._stats.oversized_frames += 1
-                    self._fail(
-                        CLOSE_TOO_BIG, f"frame of {size} bytes exceeds the limit of {self._max_message}"
-                    )
+                    error = (CLOSE_TOO_BIG, f"frame of {size} bytes exceeds the limit of {self._max_message}")
+            if error is not None:
+                if error[0]:
+                    self._fail(*error)
+                if stop > end:
+                    self._skip = stop - end
                     return end
-            stop = head + 4 + length
+                pos = stop
+                continue
             if stop > end:
                 break
             payload = apply_mask(data[head + 4 : stop], data[head : head + 4])
             pos = stop
             if opcode >= 0x8:
                 self._control(opcode, payload)
-            elif self._state == _OPEN:
+            else:
                 self._data_frame(opcode, b0 & 0x80, payload)
         return pos
 
@@ -560,12 +577,29 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
             self.transport.close()
             return
         code = CLOSE_NO_STATUS
-        if len(payload) >= 2:
+        reply = CLOSE_NORMAL
+        reason = ""
+        if len(payload) == 1:
+            reply, reason = CLOSE_PROTOCOL_ERROR, "a close body is empty or a code and a reason"
+        elif len(payload) >= 2:
             (code,) = struct.unpack_from("!H", payload)
-        # Echo the close (RFC 6455 §5.5.1), then hang up.
+            if not _valid_close_code(code):
+                reply, reason = CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent"
+            else:
+                try:
+                    payload[2:].decode()
+                except UnicodeDecodeError:
+                    reply, reason = CLOSE_INVALID_DATA, "invalid UTF-8 in the close reason"
+                else:
+                    reply = code
+        if reply in (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA) and reply != code and self._stats is not None:
+            self._stats.malformed_frames += 1
+        # Echo the close (RFC 6455 §5.5.1), or answer a broken one with 1002/1007, then hang up.
         self._flush()
-        self.transport.write(close_frame(code if len(payload) >= 2 else CLOSE_NORMAL))
+        self.transport.write(close_frame(reply, reason))
         self._state = _CLOSED
+        if self._sock is not None:
+            self._sock.closed = True
         if self._queue is not None:
             self._queue.put_nowait({"type": "websocket.disconnect", "code": code})
         self.transport.close()
@@ -622,6 +656,10 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
             self._task = None
 
     def _fail(self, code: int, reason: str) -> None:
+        if self._state != _OPEN:
+            # Already closing (or not open yet): one refusal per connection is counted and answered.
+            self.start_close(code, reason)
+            return
         if self._stats is not None and code != CLOSE_TOO_BIG:
             self._stats.malformed_frames += 1
         if self._sock is not None:
@@ -698,6 +736,8 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._close_timer = None
+        if self._stats is not None:
+            self._stats.close_timeouts += 1
         self.transport.abort()
 
     def shutdown(self) -> None:
@@ -724,6 +764,12 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     if length < 1 << 16:
         return struct.pack("!BBH", 0x80 | opcode, 126, length) + payload
     return struct.pack("!BBQ", 0x80 | opcode, 127, length) + payload
+
+
+def _valid_close_code(code: int) -> bool:
+    """Codes an endpoint may send (RFC 6455 §7.4, IANA registry): 1005, 1006 and 1015 only describe
+    a close, they are never sent; 1016-2999 are reserved; 3000-4999 are for libraries and apps."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def _addr(info: Any) -> tuple[str, int] | None:

@@ -17,8 +17,12 @@ class Database:
         kwargs: dict[str, object] = {"pool_pre_ping": True}
         if url.startswith("postgresql"):
             # Dates are UTC days whatever the server's timezone setting.
+            # Timeouts, so a database that stops answering (a partition, not a refused connection)
+            # fails requests instead of hanging them: 5 s to connect, 60 s for any one statement.
             kwargs.update(
-                pool_size=10, max_overflow=10, connect_args={"server_settings": {"timezone": "UTC"}}
+                pool_size=10,
+                max_overflow=10,
+                connect_args={"server_settings": {"timezone": "UTC"}, "timeout": 5, "command_timeout": 60},
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)

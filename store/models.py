@@ -137,7 +137,11 @@ class ScoreEntry(Base):
     points: Mapped[int] = mapped_column(Integer)
     ts: Mapped[datetime] = mapped_column(UTCDateTime)
 
-    __table_args__ = (Index("ix_scores_subject_ts", "subject", "ts"),)
+    __table_args__ = (
+        Index("ix_scores_subject_ts", "subject", "ts"),
+        # Covering: a user's total on a board (channels.leaderboard sets the cached boards from it).
+        Index("ix_scores_user_subject", "user_id", "subject", "ts", "points"),
+    )
 
 
 class Link(Base):

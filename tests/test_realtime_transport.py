@@ -393,3 +393,27 @@ async def test_a_plain_asgi_websocket_route_still_works() -> None:
     finally:
         server.should_exit = True
         await task
+
+
+async def test_a_full_node_refuses_upgrades_with_503_and_keeps_serving(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, env={"WS_MAX_SOCKETS": "3"}, args=("--ws", "fast")).start()
+    try:
+        clients = [await joined(server.port, f"full{i}") for i in range(3)]
+        refused, head = await RawClient.upgrade(server.port, socket_path("full3"))
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert "maximum of 3 sockets" in orjson.loads(await refused.reader.read())["error"]
+        # The sockets already there, and plain HTTP, are unaffected.
+        clients[0].send_json([None, "hb", "phoenix", "heartbeat", {}])
+        assert (await clients[0].read_json())[1] == "hb"
+        assert (await asyncio.to_thread(server.publish, "user:full1", "tick", {"n": 1})).status_code == 202
+        assert (await clients[1].read_json())[4] == {"n": 1}
+        # One leaves: there is room again.
+        clients[2].send_frame(0x8, struct.pack("!H", 1000))
+        assert await clients[2].eof()
+        await asyncio.sleep(0.3)
+        again = await joined(server.port, "full3")
+        again.close()
+        for client in clients[:2]:
+            client.close()
+    finally:
+        server.terminate()

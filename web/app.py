@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -18,10 +19,10 @@ from starlette.routing import Route, WebSocketRoute
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
 from loops import Clock, SystemClock
 from metrics import EventIngest, stream_from_url
-from metrics.links import LinkSigner
 from metrics.live import ExperimentsDashboard, KFactorDashboard
 from presence import PresenceTracker
-from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, TokenVerifier, broker_from_url
+from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, broker_from_url
+from realtime.endpoint import ExposeTransportAbort
 from store import Database
 
 from . import (
@@ -36,10 +37,13 @@ from . import (
 )
 from .auth import require_role
 from .config import Settings
+from .keys import link_signer, token_verifier
 from .logs import install_token_redaction
+from .openapi import openapi_json
 from .pipeline import build_guardrails, build_loops, build_runner, build_scheduler
 from .prometheus import build_registry
-from .responses import ORJSONResponse, read_json
+from .readiness import Dependency, ReadinessMonitor
+from .responses import ORJSONResponse, RefuseNulInUrl, read_json
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def create_app(
     settings = settings or Settings.from_env()
     install_token_redaction()
     settings.warn_if_unsafe()
-    verifier = TokenVerifier(settings.secret_key, old_secrets=settings.old_secret_keys)
+    verifier = token_verifier(settings)
     endpoint = PhoenixEndpoint(
         router=router or build_router(),
         verifier=verifier,
@@ -125,7 +129,7 @@ def create_app(
         token_cookie="ve_admin",
     )
     database = Database(settings.database_url)
-    stream = stream_from_url(settings.broker_url)
+    stream = stream_from_url(settings.broker_url, claim_idle=settings.events_claim_idle)
     ingest = EventIngest(database, stream)
     leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
     board_watcher = BoardWatcher(endpoint.hub, leaderboards)
@@ -146,6 +150,9 @@ def create_app(
     if scheduler is not None:
         guardrail_jobs.register(scheduler)
     tracker = PresenceTracker(endpoint.hub, settings.presence)
+    readiness = ReadinessMonitor(
+        [Dependency("broker", endpoint.hub.broker.ping), Dependency("database", database.ping)]
+    )
     endpoint.context = ChannelContext(
         presence=tracker,
         database=database,
@@ -168,6 +175,7 @@ def create_app(
         gc.freeze()
         gc.set_threshold(100_000, *gc.get_threshold()[1:])
         await endpoint.start()
+        await readiness.start()
         await ingest.start()
         await tracker.start()
         await board_watcher.start()
@@ -194,6 +202,7 @@ def create_app(
             await guardrails_dashboard.stop()
             await board_watcher.stop()
             await tracker.stop()
+            await readiness.stop()
             await endpoint.stop()
             await ingest.stop()
             await stream.close()
@@ -207,6 +216,7 @@ def create_app(
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", prometheus_metrics),
+        Route("/openapi.json", openapi_json),
         *events_api.routes,
         *links_api.routes,
         *metrics_api.routes,
@@ -216,7 +226,12 @@ def create_app(
         *privacy_api.routes,
         *dashboards.routes,
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(ExposeTransportAbort), Middleware(RefuseNulInUrl)],
+    )
     app.state.settings = settings
     app.state.verifier = verifier
     app.state.endpoint = endpoint
@@ -227,10 +242,11 @@ def create_app(
     app.state.experiments_dashboard = experiments_dashboard
     app.state.guardrails_dashboard = guardrails_dashboard
     app.state.guardrail_jobs = guardrail_jobs
-    app.state.link_signer = LinkSigner(settings.secret_key, settings.old_secret_keys)
+    app.state.link_signer = link_signer(settings)
     app.state.runner = runner
     app.state.loops = engine
     app.state.clock = clock  # links and loops share it
     app.state.scheduler = scheduler
-    app.state.registry = build_registry(endpoint)
+    app.state.readiness = readiness
+    app.state.registry = build_registry(endpoint, readiness)
     return app

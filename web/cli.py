@@ -225,7 +225,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         database = Database(settings.database_url)
-        stream = stream_from_url(settings.broker_url)
+        stream = stream_from_url(settings.broker_url, claim_idle=settings.events_claim_idle)
         hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
         await hub.start()
         leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))

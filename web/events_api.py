@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select
 from starlette.exceptions import HTTPException
@@ -14,10 +15,11 @@ from channels.access import ROLES, is_admin
 from channels.feed import feed_page, feed_refusal
 from channels.presence import SUBJECT
 from metrics import EventRejected, IngestUnavailable, validate_event
+from metrics.events import ID_PATTERN
 from store import Consumption, User, utcnow
 
 from .auth import claims_from_request, require_role
-from .responses import ORJSONResponse, read_json
+from .responses import ORJSONResponse, once_more_if_raced, read_json, user_id_param
 
 MAX_BATCH = 1000
 
@@ -79,6 +81,8 @@ async def get_feed(request: Request) -> Response:
         raise HTTPException(422, "limit and before must be integers") from None
     if not 1 <= limit <= 100:
         raise HTTPException(422, "limit must be from 1 to 100")
+    if before is not None and not 0 <= before < 1 << 63:
+        raise HTTPException(422, "before must be an item offset (a whole number from 0)")
     async with request.app.state.database.session() as session:
         return ORJSONResponse(await feed_page(session, feed, before=before, limit=limit))
 
@@ -93,9 +97,19 @@ PROFILE_FIELDS = {
 }
 
 
+def _known_zone(name: str) -> bool:
+    if not 1 <= len(name) <= 64:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
 async def put_user(request: Request) -> Response:
     require_role(request, "admin")
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     body = await read_json(request, 64 * 1024)
     if not isinstance(body, dict):
         raise HTTPException(422, "body must be a JSON object")
@@ -103,25 +117,34 @@ async def put_user(request: Request) -> Response:
     for name, types in PROFILE_FIELDS.items():
         if name in body and not isinstance(body[name], types):
             errors[name] = f"must be {' or '.join(t.__name__ for t in types)}"
-    if "role" in body and body["role"] not in ROLES:
+    if isinstance(body.get("role"), str) and body["role"] not in ROLES:
         errors["role"] = f"must be one of {sorted(ROLES)}"
     if isinstance(body.get("display_name"), str) and not 1 <= len(body["display_name"]) <= 80:
         errors["display_name"] = "must be 1-80 characters"
+    if isinstance(body.get("parent_id"), str) and not ID_PATTERN.match(body["parent_id"]):
+        errors["parent_id"] = "must be a user id: 1-64 letters, digits or _.:-"
+    if isinstance(body.get("timezone"), str) and not _known_zone(body["timezone"]):
+        errors["timezone"] = "must be an IANA time zone name, e.g. Europe/London"
     if isinstance(body.get("subjects"), list) and not all(
         isinstance(s, str) and SUBJECT.match(s) for s in body["subjects"]
     ):
         errors["subjects"] = "must be a list of subject names"
     if errors:
         return ORJSONResponse({"error": "invalid profile", "fields": errors}, status_code=422)
-    async with request.app.state.database.session() as session, session.begin():
-        user = await session.get(User, user_id)
-        created = user is None
-        if user is None:
-            user = User(id=user_id, subjects=[])
-            session.add(user)
-        for name in PROFILE_FIELDS:
-            if name in body:
-                setattr(user, name, body[name])
+
+    async def write() -> bool:
+        async with request.app.state.database.session() as session, session.begin():
+            user = await session.get(User, user_id)
+            created = user is None
+            if user is None:
+                user = User(id=user_id, subjects=[])
+                session.add(user)
+            for name in PROFILE_FIELDS:
+                if name in body:
+                    setattr(user, name, body[name])
+        return created
+
+    created = await once_more_if_raced(write)  # two first PUTs at once: the second one updates
     return ORJSONResponse({"id": user_id, "created": created}, status_code=201 if created else 200)
 
 

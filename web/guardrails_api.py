@@ -16,7 +16,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,12 +25,13 @@ from starlette.routing import Route
 
 from loops.scheduler import schedule
 from metrics import EventIn, fraud, guardrails
+from metrics.events import ID_PATTERN
 from metrics.guardrails import GuardrailConfig, LogSender, Sender
 from metrics.live import GuardrailsDashboard
 from store import Alert, AuditLog, Consent, Database, LoopJob, User
 
 from .auth import claims_from_request, require_role
-from .responses import ORJSONResponse, read_json
+from .responses import ORJSONResponse, once_more_if_raced, read_json, user_id_param
 
 log = logging.getLogger(__name__)
 
@@ -189,54 +190,65 @@ async def _may_act_for(request: Request, user_id: str, *, self_ok: bool) -> dict
 
 
 async def grant_consent(request: Request) -> Response:
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     claims = await _may_act_for(request, user_id, self_ok=False)
     body = await read_json(request, 4096)
     method = body.get("method") if isinstance(body, dict) else None
     if not isinstance(method, str) or not 1 <= len(method) <= 32:
         raise HTTPException(422, 'method must say how consent was verified, e.g. "signed_form", "card_check"')
     parent = body.get("parent_id", claims["sub"] if claims.get("role") == "parent" else None)
-    if not isinstance(parent, str) or not parent:
-        raise HTTPException(422, "parent_id is required")
+    if not isinstance(parent, str) or not ID_PATTERN.match(parent):
+        raise HTTPException(422, "parent_id is required: a user id of 1-64 letters, digits or _.:-")
     now = request.app.state.clock.now()
-    async with request.app.state.database.session() as session, session.begin():
-        consent = await session.get(Consent, user_id)
-        if consent is None:
-            session.add(Consent(user_id=user_id, parent_id=parent, method=method, granted_at=now))
-        else:
-            consent.parent_id, consent.method, consent.granted_at, consent.revoked_at = (
-                parent,
-                method,
-                now,
-                None,
+
+    async def write() -> None:
+        async with request.app.state.database.session() as session, session.begin():
+            consent = await session.get(Consent, user_id)
+            if consent is None:
+                session.add(Consent(user_id=user_id, parent_id=parent, method=method, granted_at=now))
+            else:
+                consent.parent_id, consent.method, consent.granted_at, consent.revoked_at = (
+                    parent,
+                    method,
+                    now,
+                    None,
+                )
+            session.add(
+                AuditLog(
+                    actor=str(claims["sub"]),
+                    action="consent_granted",
+                    subject=user_id,
+                    details={"parent_id": parent, "method": method},
+                    at=now,
+                )
             )
-        session.add(
-            AuditLog(
-                actor=str(claims["sub"]),
-                action="consent_granted",
-                subject=user_id,
-                details={"parent_id": parent, "method": method},
-                at=now,
-            )
-        )
+
+    await once_more_if_raced(write)
     return ORJSONResponse({"user_id": user_id, "consent": True, "parent_id": parent, "method": method})
 
 
 async def revoke_consent(request: Request) -> Response:
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     claims = await _may_act_for(request, user_id, self_ok=False)
     now = request.app.state.clock.now()
+
     async with request.app.state.database.session() as session, session.begin():
-        consent = await session.get(Consent, user_id)
-        if consent is None or consent.revoked_at is not None:
+        # One statement, so of two revocations at once (or one racing the user's deletion) exactly
+        # the first one finds the consent standing.
+        revoked = await session.execute(
+            update(Consent)
+            .where(Consent.user_id == user_id, Consent.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not getattr(revoked, "rowcount", 0):
             raise HTTPException(404, "no consent on record")
-        consent.revoked_at = now
         session.add(AuditLog(actor=str(claims["sub"]), action="consent_revoked", subject=user_id, at=now))
     return ORJSONResponse({"user_id": user_id, "consent": False})
 
 
 async def opt_out(request: Request) -> Response:
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     claims = await _may_act_for(request, user_id, self_ok=True)
     now = request.app.state.clock.now()
     event = EventIn(f"opt-out-{user_id}-{int(now.timestamp())}"[:64], "opt_out", user_id, now, {"via": "api"})
@@ -247,14 +259,19 @@ async def opt_out(request: Request) -> Response:
 
 
 async def opt_in(request: Request) -> Response:
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     claims = await _may_act_for(request, user_id, self_ok=True)
     now = request.app.state.clock.now()
+
     async with request.app.state.database.session() as session, session.begin():
-        user = await session.get(User, user_id)
-        if user is None or not user.opted_out:
+        opted_in = await session.execute(
+            update(User)
+            .where(User.id == user_id, User.opted_out.is_(True))
+            .values(opted_out=False, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not getattr(opted_in, "rowcount", 0):
             raise HTTPException(409, "not opted out")
-        user.opted_out, user.updated_at = False, now
         session.add(AuditLog(actor=str(claims["sub"]), action="opted_in", subject=user_id, at=now))
     return ORJSONResponse({"user_id": user_id, "opted_out": False})
 
@@ -291,7 +308,7 @@ async def review_conversion(request: Request) -> Response:
     approve = body.get("approve") if isinstance(body, dict) else None
     if not isinstance(approve, bool):
         raise HTTPException(422, 'body must be {"approve": true|false}')
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     try:
         async with request.app.state.database.session() as session, session.begin():
             done = await fraud.review(

@@ -5,6 +5,7 @@ secret, /24 or /48 network) for the fraud signals; the address itself is never s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import html
 from datetime import timedelta
@@ -27,6 +28,7 @@ VISITOR_COOKIE = "ve_vid"
 ATTRIBUTION_COOKIE = "ve_ref"
 ATTRIBUTION_WINDOW = timedelta(days=7)
 UNIQUE_WINDOW = timedelta(hours=24)
+_CLICK_LOCKS = [asyncio.Lock() for _ in range(64)]
 
 
 async def create_link(request: Request) -> Response:
@@ -36,7 +38,7 @@ async def create_link(request: Request) -> Response:
         raise HTTPException(422, "body must be a JSON object {source, target?, campaign?, ttl?}")
     errors: dict[str, str] = {}
     source = body.get("source")
-    if source not in SOURCES:
+    if not isinstance(source, str) or source not in SOURCES:
         errors["source"] = f"must be one of {sorted(SOURCES)}"
     try:
         target = check_target(body.get("target"))
@@ -110,6 +112,13 @@ async def follow_link(request: Request) -> Response:
         if link is None:
             raise LinkError("unknown", "we could not find this invite link")
         signer.verify(parsed, link.referrer_id, int(now.timestamp()))
+        try:
+            # Checked when the link was made; again here, so no stored row can send anyone off-site.
+            target = check_target(link.target)
+        except ValueError:
+            raise LinkError(
+                "target_not_allowed", "this invite link leads somewhere we do not send people."
+            ) from None
     except LinkError as exc:
         async with database.session() as session, session.begin():
             session.add(LinkRejection(token=token[:200], reason=exc.reason, rejected_at=now))
@@ -119,7 +128,15 @@ async def follow_link(request: Request) -> Response:
         )
     visitor = _visitor(request)
     ip_hash, net_hash = _client_hashes(request)
-    async with database.session() as session, session.begin():
+    # A visitor's first click in the window is the unique one, also when the same click arrives many
+    # times at once: clicks on one link take turns (a lock in this process; the link's row lock across
+    # processes on PostgreSQL), so each sees the ones before it.
+    async with (
+        _CLICK_LOCKS[hash(link.nonce) % len(_CLICK_LOCKS)],
+        database.session() as session,
+        session.begin(),
+    ):
+        await session.get(Link, link.nonce, with_for_update=True)
         recent = await session.scalar(
             select(Click.id)
             .where(
@@ -138,7 +155,7 @@ async def follow_link(request: Request) -> Response:
             )
         )
     await request.app.state.k_factor.changed()  # clicks are in the report
-    response = RedirectResponse(link.target, status_code=302)
+    response = RedirectResponse(target, status_code=302)
     cookie = {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https", "path": "/"}
     response.set_cookie(VISITOR_COOKIE, visitor, max_age=365 * 86400, **cookie)  # type: ignore[arg-type]
     response.set_cookie(

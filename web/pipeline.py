@@ -13,7 +13,6 @@ from metrics import ConsumerRunner, EventIn, EventIngest, EventStream
 from metrics.attribution import AttributionConsumer
 from metrics.experiments import ExperimentConsumer
 from metrics.guardrails import GuardrailConfig, thresholds_from_json
-from metrics.links import LinkSigner
 from metrics.live import ExperimentsDashboard, GuardrailsDashboard, KFactorDashboard
 from metrics.rewards import Paid
 from realtime import Hub
@@ -21,6 +20,7 @@ from store import Database
 
 from .config import Settings
 from .guardrails_api import GuardrailJobs
+from .keys import link_signer
 
 
 async def push_reward(hub: Hub, paid: Paid) -> None:
@@ -38,7 +38,7 @@ def build_loops(
     services = LoopServices(
         database=database,
         hub=hub,
-        signer=LinkSigner(settings.secret_key, settings.old_secret_keys),
+        signer=link_signer(settings),
         emit=emit,
         copy=CopyRouter(
             parse_providers(settings.ai_providers),
@@ -74,7 +74,12 @@ def build_guardrails(
 
 
 def build_scheduler(settings: Settings, database: Database, engine: LoopEngine) -> Scheduler:
-    scheduler = Scheduler(database, engine.services.clock, poll=settings.scheduler_poll)
+    scheduler = Scheduler(
+        database,
+        engine.services.clock,
+        poll=settings.scheduler_poll,
+        lease=timedelta(seconds=settings.scheduler_lease),
+    )
     engine.register_jobs(scheduler)
     return scheduler
 
@@ -96,7 +101,7 @@ def build_runner(
             FeedConsumer(hub),
             LeaderboardConsumer(leaderboards, hub),
             AttributionConsumer(
-                LinkSigner(settings.secret_key, settings.old_secret_keys),
+                link_signer(settings),
                 settings.attribution_model,
                 notify=KFactorDashboard(hub, database).changed,
                 reward=lambda paid: push_reward(hub, paid),

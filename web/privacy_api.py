@@ -23,14 +23,14 @@ from metrics import privacy
 from store import AuditLog
 
 from .auth import claims_from_request, require_role
-from .responses import ORJSONResponse
+from .responses import ORJSONResponse, user_id_param
 
 NOTHING_HELD = "we hold no data about this user"
 
 
 async def export_user(request: Request) -> Response:
     claims = claims_from_request(request)
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     if not is_self_or_admin(claims, user_id):
         raise HTTPException(403, "only the user themselves or an admin may export a user's data")
     now = request.app.state.clock.now()
@@ -61,7 +61,7 @@ async def _forget_cached(request: Request, user_id: str, subjects: list[str]) ->
 
 async def delete_user(request: Request) -> Response:
     claims = require_role(request, "admin")
-    user_id = request.path_params["user_id"]
+    user_id = user_id_param(request)
     state = request.app.state
     async with state.database.session() as session, session.begin():
         report = None
