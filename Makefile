@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 JS     := tests/js
 JSSTAMP := $(JS)/node_modules/.installed
 
-.PHONY: run test lint format bench install node chromium clean
+.PHONY: run test test-soak lint format bench install node chromium clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ chromium:
 
 test: $(STAMP) $(JSSTAMP) chromium lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fuzzers of tests/reliability/ with ten times the examples (socket fuzz, schemathesis).
+test-soak: $(STAMP) $(JSSTAMP)
+	FUZZ_SCALE=10 $(PY) -m pytest tests/reliability/test_socket_fuzz.py tests/reliability/test_api_input.py $(PYTEST_ARGS)
 
 BENCHSTAMP := $(VENV)/.installed-bench
 

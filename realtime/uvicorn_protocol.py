@@ -17,8 +17,10 @@ client already more than `max_buffer_bytes` behind is closed (1008), never waite
 What is implemented of RFC 6455 (server side): the opening handshake (version 13; 400 for a bad
 request, 426 for another version), masked client frames only, text, binary (refused by the
 socket, 1003), continuation frames up to the size limit, ping → pong, pong ignored, the closing
-handshake both ways with a timeout, close 1002 for protocol errors, 1009 for a message over the size
-limit (refused from its header, before its payload is read), 1007 for invalid UTF-8. No extensions
+handshake both ways with a timeout, close 1002 for protocol errors (reserved bits or opcodes,
+unmasked frames, a close frame with one byte or a code that may not be sent), 1009 for a message over
+the size limit (refused from its header; its payload is skipped unread), 1007 for invalid UTF-8 in a
+message or a close reason. No extensions
 (permessage-deflate is never negotiated: the shared frame is uncompressed). An app that accepts a
 WebSocket without binding it gets plain ASGI receive/send, so any ASGI WebSocket route still works.
 

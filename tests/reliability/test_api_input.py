@@ -431,7 +431,9 @@ def _server_errors(log: str) -> str:
     return "\n".join(keep[-80:])
 
 
-SCHEMATHESIS_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "40"))
+SCHEMATHESIS_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "40")) * max(
+    1, int(os.environ.get("FUZZ_SCALE", "1"))
+)
 SCHEMATHESIS_SEED = int(os.environ.get("SCHEMATHESIS_SEED", "20261126"))
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 

@@ -58,6 +58,9 @@ from .socket_kit import (
     until_metric,
 )
 
+# `make test-soak` sets FUZZ_SCALE=10: ten times the examples of every fuzz test below.
+SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
+
 DEFAULT = SocketLimits()
 LIMIT = DEFAULT.max_frame_bytes
 # On the websockets-sansio path uvicorn's own WebSocket layer refuses frames this much larger than
@@ -349,7 +352,7 @@ async def run_frames(server: ServerProcess, frames: list[bytes], as_witness: boo
 
 
 def test_random_frames_get_a_reply_or_a_1007_and_hurt_no_one(rig: FuzzRig) -> None:
-    @settings(FUZZ, max_examples=250)
+    @settings(FUZZ, max_examples=250 * SCALE)
     @given(
         valid=st.lists(well_typed_messages.map(orjson.dumps), max_size=6),
         last=st.none() | random_frames,
@@ -414,7 +417,7 @@ async def run_huge(server: ServerProcess, kind: str, size: int, pieces: int, as_
 def test_frames_over_the_size_limit_are_closed_with_1009(rig: FuzzRig) -> None:
     socket_layer = 0
 
-    @settings(FUZZ, max_examples=30)
+    @settings(FUZZ, max_examples=30 * SCALE)
     @given(case=huge_cases, pieces=st.integers(2, 40), as_witness=st.booleans())
     def fuzz(case: tuple[str, int], pieces: int, as_witness: bool) -> None:
         nonlocal socket_layer
@@ -512,7 +515,7 @@ async def run_deep(server: ServerProcess, depth: int, container: str, place: str
 
 
 def test_deeply_nested_json_gets_a_reply_or_a_close_never_a_crash(rig: FuzzRig) -> None:
-    @settings(FUZZ, max_examples=60)
+    @settings(FUZZ, max_examples=60 * SCALE)
     @given(
         depth=depths,
         container=st.sampled_from(["array", "object"]),
@@ -584,7 +587,7 @@ async def run_utf8(
 
 
 def test_invalid_utf8_text_is_closed_with_1007(rig: FuzzRig) -> None:
-    @settings(FUZZ, max_examples=100)
+    @settings(FUZZ, max_examples=100 * SCALE)
     @given(
         text=st.text(min_size=1, max_size=60),
         bad=st.none() | invalid_sequences,
@@ -620,7 +623,7 @@ async def run_binary(server: ServerProcess, payload: bytes, cuts: list[int], as_
 
 
 def test_binary_frames_are_closed_with_1003(rig: FuzzRig) -> None:
-    @settings(FUZZ, max_examples=40)
+    @settings(FUZZ, max_examples=40 * SCALE)
     @given(
         payload=st.binary(max_size=4096) | phoenix_messages.map(orjson.dumps),
         cuts=st.lists(st.integers(1, 4096), max_size=3),
@@ -755,7 +758,7 @@ async def run_abuse(server: ServerProcess, kind: str, n: Any, blob: bytes, as_wi
 
 
 def test_framing_and_control_frame_abuse_fails_only_that_connection(rig: FuzzRig) -> None:
-    @settings(FUZZ, max_examples=150)
+    @settings(FUZZ, max_examples=150 * SCALE)
     @given(case=abuses, blob=control_payloads, as_witness=st.booleans())
     def fuzz(case: tuple[str, Any], blob: bytes, as_witness: bool) -> None:
         kind, n = case
@@ -906,7 +909,7 @@ def test_floods_of_joins_heartbeats_and_events_are_refused_then_closed(
     flood_rig = FuzzRig(server, ws_impl, heartbeat_every=8.0).start()
     try:
 
-        @settings(FUZZ, max_examples=24)
+        @settings(FUZZ, max_examples=24 * SCALE)
         @given(
             kind=st.sampled_from(["joins", "heartbeats", "events"]),
             count=st.integers(1, 60) | st.integers(STRIKES, STRIKES + 60) | st.integers(1, STRIKES + 200),
