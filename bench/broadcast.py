@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import resource
@@ -45,6 +44,7 @@ from .common import (
     ROOT,
     TOPIC,
     ClientProcess,
+    PublishConnection,
     ServerProcess,
     background_load,
     environment,
@@ -90,46 +90,19 @@ console = Console(stderr=True)
 # HTTP.
 
 
-class Publisher:
-    """`POST /api/publish` over one keep-alive connection, one request in flight, raw HTTP/1.1."""
+class Publisher(PublishConnection):
+    """The benchmark's publisher: ticks with a sequence number and a send time."""
 
     def __init__(self, port: int, token: str, index: int = 0) -> None:
-        self.port = port
+        super().__init__("127.0.0.1", port, token)
         self.index = index  # payload "p": clients check order per publisher
-        self._head = (
-            f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-            "Content-Type: application/json\r\nContent-Length: "
-        ).encode()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def connect(self) -> None:
-        """(Re)connect: call before each phase, as the server closes idle keep-alive connections (5 s)."""
-        await self.close()
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-            self._reader = self._writer = None
 
     async def publish(self, seq: int) -> float:
         """Publish tick `seq`, stamped now; returns the round trip (fan-out included) in seconds."""
-        assert self._reader is not None and self._writer is not None
         sent_at = monotonic_ms()
         payload = {"seq": seq, "p": self.index, "sent_at": round(sent_at, 3), "pad": PAD}
         body = orjson.dumps({"topic": TOPIC, "event": EVENT, "payload": payload})
-        self._writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-        status_line = await self._reader.readline()
-        length = 0
-        while (line := await self._reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        response = await self._reader.readexactly(length)
-        status = int(status_line.split(b" ", 2)[1])
+        status, response = await self.request(body)
         if status != 202:
             raise RuntimeError(f"publish answered {status}: {response[:200]!r}")
         return time.monotonic_ns() / 1e6 - sent_at

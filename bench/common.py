@@ -226,13 +226,16 @@ class ServerProcess:
             await self.proc.wait()
 
 
-class ClientProcess:
-    """One Node process of a bench client (`script`); JSON lines in both directions."""
+class JsonLinesProcess:
+    """A helper process the driver talks to in JSON lines, both ways (Node bench clients, load-test
+    workers). Subclasses say how to start it (`_spawn`), and may watch messages (`_on_message`) and
+    name what counts as a failure (`FAILED`)."""
 
-    def __init__(self, name: str, config_path: Path, log_path: Path, *, script: Path) -> None:
+    FAILED: tuple[str, ...] = ("exited",)
+    STOP_TIMEOUT = 5.0
+
+    def __init__(self, name: str, log_path: Path) -> None:
         self.name = name
-        self.script = script
-        self.config_path = config_path
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -243,25 +246,29 @@ class ClientProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self, node: str, node_args: list[str]) -> None:
+    async def _spawn(self, *argv: str, env: dict[str, str] | None = None) -> None:
         with self.log_path.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                node,
-                *node_args,
-                str(self.script),
-                str(self.config_path),
+                *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
+                env=env,
                 limit=64 << 20,
                 preexec_fn=die_with_parent,
             )
         self._reader = asyncio.create_task(self._read())
 
+    def _on_message(self, message: dict[str, Any]) -> bool:
+        """Called for every message; False keeps it out of `messages`."""
+        return True
+
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
-            await self.messages.put(orjson.loads(line))
+            message = orjson.loads(line)
+            if self._on_message(message):
+                await self.messages.put(message)
         await self.messages.put({"type": "exited"})
 
     async def send(self, command: dict[str, Any]) -> None:
@@ -269,14 +276,22 @@ class ClientProcess:
         self.proc.stdin.write(orjson.dumps(command) + b"\n")
         await self.proc.stdin.drain()
 
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
     async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.messages.get()
                 if message["type"] == kind:
                     return message
-                if message["type"] == "exited":
-                    raise RuntimeError(f"client {self.name} exited: {self.log_path.read_text()[-2000:]}")
+                if message["type"] in self.FAILED:
+                    raise RuntimeError(
+                        f"{self.name} failed ({message.get('error', message['type'])}):\n{self.log_tail()}"
+                    )
 
     async def stop(self) -> None:
         if self.proc is None:
@@ -284,7 +299,7 @@ class ClientProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(Exception):
                 await self.send({"cmd": "quit"})
-                await asyncio.wait_for(self.proc.wait(), 5)
+                await asyncio.wait_for(self.proc.wait(), self.STOP_TIMEOUT)
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
@@ -294,7 +309,63 @@ class ClientProcess:
                 await self._reader
 
 
+class ClientProcess(JsonLinesProcess):
+    """One Node process of a bench client (`script`)."""
+
+    def __init__(self, name: str, config_path: Path, log_path: Path, *, script: Path) -> None:
+        super().__init__(name, log_path)
+        self.script = script
+        self.config_path = config_path
+
+    async def start(self, node: str, node_args: list[str]) -> None:
+        await self._spawn(node, *node_args, str(self.script), str(self.config_path))
+
+
 # HTTP.
+
+
+class PublishConnection:
+    """`POST /api/publish` over one keep-alive HTTP/1.1 connection, one request in flight, raw HTTP:
+    the request head is built once, so the publisher costs the benchmark next to nothing."""
+
+    def __init__(self, connect_host: str, port: int, token: str, host_header: str | None = None) -> None:
+        self._address = (connect_host, port)
+        self._head = (
+            f"POST /api/publish HTTP/1.1\r\nHost: {host_header or f'{connect_host}:{port}'}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        """(Re)connect: the server closes idle keep-alive connections (5 s)."""
+        await self.close()
+        self._reader, self._writer = await asyncio.open_connection(*self._address)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+    async def request(self, body: bytes) -> tuple[int, bytes]:
+        """Send one publish; returns (status, response body). ConnectionResetError if the server had
+        closed the connection."""
+        if self._writer is None:
+            await self.connect()
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionResetError("keep-alive connection closed")
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return int(status_line.split(b" ", 2)[1]), await reader.readexactly(length)
 
 
 async def http_request(port: int, method: str, path: str) -> tuple[int, bytes]:

@@ -85,7 +85,7 @@ from typing import Any
 
 import orjson
 
-from .common import ROOT, die_with_parent, machine_cpu, proc_cpu_split, proc_rss_kb
+from .common import ROOT, JsonLinesProcess, PublishConnection, machine_cpu, proc_cpu_split, proc_rss_kb
 from .loadtest_worker import TICK_EVENT, hist_summary, merge_hist_exports, room_starts
 
 SCENARIOS = ("idle", "broadcast", "rooms", "churn", "mixed")
@@ -384,58 +384,29 @@ async def preflight(target: Target, token: str) -> None:
         )
 
 
-class Publisher:
+class Publisher(PublishConnection):
     """`POST /api/publish` over one keep-alive HTTP/1.1 connection, one request in flight."""
 
     def __init__(self, target: Target, token: str, topic: str) -> None:
+        super().__init__(target.connect_host, target.port, token, host_header=target.host_header)
         self.target = target
         self.topic = topic
-        self._head = (
-            f"POST /api/publish HTTP/1.1\r\nHost: {target.host_header}\r\nAuthorization: Bearer {token}\r\n"
-            "Content-Type: application/json\r\nContent-Length: "
-        ).encode()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def connect(self) -> None:
-        await self.close()
-        self._reader, self._writer = await asyncio.open_connection(self.target.connect_host, self.target.port)
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-        self._reader = self._writer = None
 
     async def publish(self, seq: int) -> float:
         """Publish tick `seq` stamped now; returns the round trip in ms (the server answers after the
         fan-out to its local subscribers)."""
         for attempt in (1, 2):
-            if self._writer is None:
-                await self.connect()
-            assert self._reader is not None and self._writer is not None
             sent_at = time.monotonic_ns()
             body = orjson.dumps(
                 {"topic": self.topic, "event": TICK_EVENT, "payload": {"seq": seq, "sent_at": sent_at}}
             )
             try:
-                self._writer.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
-                status_line = await self._reader.readline()
-                if not status_line:
-                    raise ConnectionResetError("keep-alive connection closed")
+                status, response = await self.request(body)
             except (ConnectionError, OSError):
                 await self.close()
                 if attempt == 2:
                     raise
                 continue  # the server closed an idle keep-alive connection: once more, stamped anew
-            length = 0
-            while (line := await self._reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            response = await self._reader.readexactly(length)
-            status = int(status_line.split(b" ", 2)[1])
             if status != 202:
                 raise RuntimeError(f"publish answered {status}: {response[:200]!r}")
             return (time.monotonic_ns() - sent_at) / 1e6
@@ -445,92 +416,33 @@ class Publisher:
 # Worker processes.
 
 
-class WorkerProc:
+class WorkerProc(JsonLinesProcess):
     """One `python -m bench.loadtest_worker`, JSON lines both ways."""
 
+    FAILED = ("exited", "crashed")
+    STOP_TIMEOUT = 10.0
+
     def __init__(self, wid: int, config: dict[str, Any], log_dir: Path) -> None:
+        super().__init__(f"load-test worker {wid}", log_dir / f"worker-{wid}.log")
         self.wid = wid
         self.config = config
-        self.log_path = log_dir / f"worker-{wid}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.progress: dict[str, Any] = {}
-        self._reader: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     async def start(self) -> None:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        with self.log_path.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.loadtest_worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=env,
-                limit=64 << 20,
-                preexec_fn=die_with_parent,
-            )
-        self._reader = asyncio.create_task(self._read())
+        await self._spawn(sys.executable, "-m", "bench.loadtest_worker", env=env)
         await self.send(self.config)
 
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            message = orjson.loads(line)
-            if message["type"] == "progress":
-                self.progress = message
-            else:
-                if message["type"] == "connected":
-                    self.progress = message
-                await self.messages.put(message)
-        await self.messages.put({"type": "exited"})
-
-    async def send(self, command: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(orjson.dumps(command) + b"\n")
-        await self.proc.stdin.drain()
-
-    async def expect(self, kind: str, timeout: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.messages.get()
-                if message["type"] == kind:
-                    return message
-                if message["type"] in ("exited", "crashed"):
-                    raise RuntimeError(
-                        f"load-test worker {self.wid} failed ({message.get('error', 'exited')}):\n"
-                        + self.log_tail()
-                    )
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    async def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            with contextlib.suppress(Exception):
-                await self.send({"cmd": "quit"})
-                await asyncio.wait_for(self.proc.wait(), 10)
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+    def _on_message(self, message: dict[str, Any]) -> bool:
+        if message["type"] == "progress":
+            self.progress = message
+            return False
+        if message["type"] == "connected":
+            self.progress = message
+        return True
 
 
 async def all_of(

@@ -236,6 +236,7 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
     user = _path("user_id", USER_ID, "the user's id")
     key = _path("key", EXPERIMENT_KEY, "the experiment's key")
     days = _query("days", {"type": "integer", "enum": list(PERIODS), "default": 7})
+    opted_out = _obj(["user_id", "opted_out"], user_id={"type": "string"}, opted_out={"type": "boolean"})
     return {
         "/api/publish": {
             "post": _op(
@@ -415,13 +416,7 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
                 "Turn a user's social features off (the user, their parent or an admin)",
                 "self, parent or admin",
                 {
-                    "200": _json(
-                        _obj(
-                            ["user_id", "opted_out"],
-                            user_id={"type": "string"},
-                            opted_out={"type": "boolean"},
-                        )
-                    ),
+                    "200": _json(opted_out),
                     **_errors(422, 503),
                 },
                 tag="users",
@@ -433,13 +428,7 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
                 "Turn a user's social features back on",
                 "self, parent or admin",
                 {
-                    "200": _json(
-                        _obj(
-                            ["user_id", "opted_out"],
-                            user_id={"type": "string"},
-                            opted_out={"type": "boolean"},
-                        )
-                    ),
+                    "200": _json(opted_out),
                     **_errors(409, 422),
                 },
                 tag="users",

@@ -27,19 +27,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from store import Base
 from web.openapi import documented
 
-from .http_kit import ADMIN, app_routes, app_schema, bearer, fill, fingerprint, fresh_database, serve
+from .http_kit import ADMIN, app_routes, app_schema, bearer, fill, fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from fresh_database(request, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def api(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from serve(module_db, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,6 @@ from .http_kit import (
     fill,
     fingerprint,
     forged_tokens,
-    fresh_database,
-    serve,
 )
 
 # Public on purpose, and why. Everything else needs a token (or, for the pages, the admin cookie).
@@ -184,16 +182,6 @@ def refused(response: httpx.Response, statuses: tuple[int, ...] = (401, 403)) ->
         if 've_admin=""' not in response.headers["set-cookie"]:
             return "a refusal set a session cookie"
     return None
-
-
-@pytest.fixture(scope="module")
-def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from fresh_database(request, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def api(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from serve(module_db, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

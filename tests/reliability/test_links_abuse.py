@@ -21,17 +21,7 @@ from sqlalchemy import func, select, update
 from metrics.links import LinkSigner
 from store import Click, Conversion, Database, Link, LinkRejection, Reward
 
-from .http_kit import ADMIN, QUIET, bearer, fresh_database, serve
-
-
-@pytest.fixture(scope="module")
-def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from fresh_database(request, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def api(module_db: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from serve(module_db, tmp_path_factory)
+from .http_kit import ADMIN, QUIET, bearer, fresh_database
 
 
 @pytest.fixture
