@@ -50,11 +50,13 @@ from .common import (
     environment,
     fmt,
     free_port,
+    http_request,
     machine_cpu,
     merge_hists,
     monotonic_ms,
     percentile,
     proc_cpu_split,
+    process_tree,
     raise_nofile_limit,
     tree_cpu_split,
     tree_rss_kb,
@@ -118,6 +120,49 @@ class PhaseSpec:
     rate: float | None  # None: saturate
 
 
+WRITE_COUNTERS = (
+    "viral_realtime_frames_out_total",
+    "viral_realtime_writes_total",
+    "process_start_time_seconds",
+)
+
+
+async def write_counters(server: ServerProcess) -> dict[str, tuple[float, float]]:
+    """(frames_out, writes) from the engine's /metrics, per worker process (told apart by
+    process_start_time_seconds; with several workers each scrape reaches one of them, so it scrapes a
+    few times). Empty for the naive server, which has no such counters."""
+    workers = len(process_tree(server.pid))
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(1 if workers <= 1 else 6 * workers):
+        try:
+            status, body = await http_request(server.port, "GET", "/metrics")
+        except OSError:
+            break
+        if status != 200:
+            break
+        values: dict[str, str] = {}
+        for line in body.decode(errors="replace").splitlines():
+            name, _, value = line.partition(" ")
+            if name in WRITE_COUNTERS:
+                values[name] = value
+        if len(values) != 3:
+            break
+        seen[values["process_start_time_seconds"]] = (
+            float(values["viral_realtime_frames_out_total"]),
+            float(values["viral_realtime_writes_total"]),
+        )
+    return seen
+
+
+def frames_per_write(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> float | None:
+    both = before.keys() & after.keys()
+    frames = sum(after[k][0] - before[k][0] for k in both)
+    writes = sum(after[k][1] - before[k][1] for k in both)
+    return frames / writes if writes > 0 else None
+
+
 async def run_phase(
     spec: PhaseSpec,
     clients: list[ClientProcess],
@@ -135,6 +180,7 @@ async def run_phase(
     for publisher in active:
         await publisher.connect()
 
+    counters0 = await write_counters(server)
     server_split0 = tree_cpu_split(server.pid)
     client_split0 = [proc_cpu_split(c.pid) for c in clients]
     busy0, total0 = machine_cpu()
@@ -171,6 +217,7 @@ async def run_phase(
     t1 = time.monotonic()
     server_split1 = tree_cpu_split(server.pid)
     client_split1 = [proc_cpu_split(c.pid) for c in clients]
+    counters1 = await write_counters(server)
     server_user = server_split1[0] - server_split0[0]
     server_cpu = sum(server_split1) - sum(server_split0)
     client_user = sum(c1[0] - c0[0] for c0, c1 in zip(client_split0, client_split1, strict=True))
@@ -219,6 +266,8 @@ async def run_phase(
         "server_utilisation": server_cpu / wall,
         "server_user_us_per_frame": server_user * 1e6 / frames if frames else None,
         "server_user_share": server_user / server_cpu if server_cpu else None,
+        # frames_out / writes from the server's /metrics over the phase (engine servers only).
+        "server_frames_per_write": frames_per_write(counters0, counters1),
         "client_cpu_s": client_cpu,
         "client_utilisation": [c / wall for c in client_cpu],
         "client_cpu_us_per_frame": sum(client_cpu) * 1e6 / frames if frames else None,
@@ -344,6 +393,7 @@ async def run_server(
                 f"{phase['frames_per_s']:>9,.0f} frames/s, "
                 f"{fmt(phase['server_cpu_us_per_frame'], '6.2f')} us/frame, "
                 f"server {phase['server_utilisation']:.0%}, clients {clients_util}, "
+                f"frames/write {fmt(phase['server_frames_per_write'], '.2f')}, "
                 f"p50 {fmt(lat['p50'], '.2f')} p99 {fmt(lat['p99'], '.2f')} ms, "
                 f"drain {fmt(max(0.0, phase['drain_after_last_publish_ms'] or 0.0), '.0f')} ms, "
                 f"dropped {phase['dropped_frames']}, out of order {phase['out_of_order']}, "

@@ -17,6 +17,9 @@ class RealtimeStats:
     joins_refused: int = 0
     frames_in: int = 0
     frames_out: int = 0
+    # Writes to the transport on the fast path (one per socket per event-loop tick with frames pending,
+    # plus replies written at once): frames_out / writes is the batching a fan-out got.
+    writes: int = 0
     broadcasts: int = 0
     malformed_frames: int = 0
     oversized_frames: int = 0

@@ -711,6 +711,8 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
         # own never makes a client "slow"; a client still that far behind at the next one is.
         backlog = transport.get_write_buffer_size()
         transport.write(data)
+        if self._stats is not None:
+            self._stats.writes += 1
         if backlog > self._max_buffer:
             if self._stats is not None:
                 self._stats.slow_consumers_dropped += 1

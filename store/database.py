@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from sqlalchemy import text
@@ -10,11 +11,30 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+# Integers a JSON column hands back must fit in 64 bits, as every one we accept does (web.responses
+# refuses bigger ones in bodies); orjson, which encodes every response and frame, cannot write more.
+# PostgreSQL's jsonb can still make one: it stores numbers as `numeric` and writes 1e30 back as
+# 1000000000000000000000000000000. Such a number is read as the float it was sent as.
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _json_int(digits: str) -> int | float:
+    if len(digits) <= 20:  # a sign and 19 digits at most: it may fit
+        value = int(digits)
+        if _INT64[0] <= value <= _INT64[1]:
+            return value
+    return float(digits)
+
+
+def json_loads(text: str | bytes) -> Any:
+    """The JSON columns' decoder: the standard one, but for integers beyond 64 bits (see _json_int)."""
+    return json.loads(text, parse_int=_json_int)
+
 
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, object] = {"pool_pre_ping": True}
+        kwargs: dict[str, object] = {"pool_pre_ping": True, "json_deserializer": json_loads}
         if url.startswith("postgresql"):
             # Dates are UTC days whatever the server's timezone setting.
             # Timeouts, so a database that stops answering (a partition, not a refused connection)

@@ -365,6 +365,40 @@ async def test_no_task_stays_behind_per_socket(tmp_path: Path) -> None:
         await task
 
 
+async def test_broadcasts_in_one_tick_leave_in_one_write(tmp_path: Path) -> None:
+    """Per-tick batching, seen in the counters /metrics exports: five broadcasts published in the same
+    event-loop tick reach a socket as five frames in one write (viral_realtime_writes_total)."""
+    settings = Settings.from_env(
+        {
+            "SECRET_KEY": SECRET,
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/v.db",
+            "BROKER_URL": "memory://",
+        }
+    )
+    from store import migrate
+
+    await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    port = free_port()
+    app = create_app(settings)
+    server, task = await _serve(app, port)
+    try:
+        client = await joined(port, "batch")
+        stats = app.state.endpoint.stats
+        writes, frames = stats.writes, stats.frames_out
+        for n in range(5):  # no await in between: one tick
+            app.state.endpoint.hub.push_local("user:batch", "tick", {"n": n})
+        assert [(await client.read_json())[4]["n"] for _ in range(5)] == list(range(5))
+        assert (stats.frames_out - frames, stats.writes - writes) == (5, 1)
+        for n in range(3):  # one per tick: one write each
+            app.state.endpoint.hub.push_local("user:batch", "tick", {"n": n})
+            assert (await client.read_json())[4]["n"] == n
+        assert (stats.frames_out - frames, stats.writes - writes) == (8, 4)
+        client.close()
+    finally:
+        server.should_exit = True
+        await task
+
+
 async def test_a_plain_asgi_websocket_route_still_works() -> None:
     async def echo(ws: WebSocket) -> None:
         await ws.accept()

@@ -22,12 +22,15 @@ _COUNTERS = {
     "joins_refused": "channel joins refused",
     "frames_in": "frames received from clients",
     "frames_out": "frames sent to clients",
+    "writes": "socket writes (system calls) that carried them, on the fast path: frames_out / writes is "
+    "how many frames each write batched",
     "broadcasts": "broadcasts published from this process",
     "malformed_frames": "frames refused as not Phoenix V2 JSON",
     "oversized_frames": "frames refused as larger than the limit",
     "rate_limited": "client messages refused by the inbound rate limit",
     "slow_consumers_dropped": "sockets disconnected because they could not keep up",
     "idle_timeouts": "sockets closed for not sending heartbeats",
+    "close_timeouts": "closing sockets aborted after 5 s without finishing the close (not reading)",
     "channel_crashes": "channel handlers that raised",
 }
 
@@ -36,7 +39,8 @@ _COUNTERS = {
 _LIMITS_HELP = (
     "per-socket limit in force, by name: max_frame_bytes (bytes, WS_MAX_FRAME_BYTES), max_topics "
     "(WS_MAX_TOPICS), rate_per_second and rate_burst (client messages, WS_RATE_PER_SECOND, "
-    "WS_RATE_BURST), rate_strikes_before_close (refusals in a row before close 1008), "
+    "WS_RATE_BURST), rate_strikes_before_close (strikes before close 1008; a refusal adds one, an "
+    "accepted message takes one back), "
     "outbound_max_bytes (WS_OUTBOUND_MAX_BYTES), outbound_max_messages (WS_OUTBOUND_MAX_MESSAGES), "
     "idle_timeout (seconds, WS_IDLE_TIMEOUT); and max_sockets, this process's cap on sockets "
     "(WS_MAX_SOCKETS, or derived from the open-files limit)"
