@@ -120,16 +120,12 @@ class PhaseSpec:
     rate: float | None  # None: saturate
 
 
-WRITE_COUNTERS = (
-    "viral_realtime_frames_out_total",
-    "viral_realtime_writes_total",
-    "process_start_time_seconds",
-)
+WRITE_COUNTERS = ("viral_realtime_frames_out_total", "viral_realtime_writes_total", "viral_process_info")
 
 
 async def write_counters(server: ServerProcess) -> dict[str, tuple[float, float]]:
     """(frames_out, writes) from the engine's /metrics, per worker process (told apart by
-    process_start_time_seconds; with several workers each scrape reaches one of them, so it scrapes a
+    viral_process_info's pid; with several workers each scrape reaches one of them, so it scrapes a
     few times). Empty for the naive server, which has no such counters."""
     workers = len(process_tree(server.pid))
     seen: dict[str, tuple[float, float]] = {}
@@ -143,11 +139,12 @@ async def write_counters(server: ServerProcess) -> dict[str, tuple[float, float]
         values: dict[str, str] = {}
         for line in body.decode(errors="replace").splitlines():
             name, _, value = line.partition(" ")
+            name, _, labels = name.partition("{")
             if name in WRITE_COUNTERS:
-                values[name] = value
+                values[name] = labels if name == "viral_process_info" else value
         if len(values) != 3:
             break
-        seen[values["process_start_time_seconds"]] = (
+        seen[values["viral_process_info"]] = (
             float(values["viral_realtime_frames_out_total"]),
             float(values["viral_realtime_writes_total"]),
         )

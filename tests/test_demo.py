@@ -160,7 +160,9 @@ def test_the_same_seed_makes_the_same_cohort() -> None:
 def test_backfilled_streaks_land_where_the_scenarios_need_them(state: str) -> None:
     """The plan follows the server's streak rule: 6 days ending on an earlier date (today makes 7),
     at risk (deadline within 6 h, so a rescue may be asked), or safely alive."""
-    now = datetime.now(UTC)
+    # A fixed time of day: late in a UTC day (after about 21:45) no 6-day streak that ended on an earlier
+    # date is still alive for 2 more hours, so the demo then skips "seven" (the plan is None) by design.
+    now = datetime(2026, 12, 6, 12, 30, tzinfo=UTC)
     student = Person("s", "student", "S", "UTC")
     plan = Demo._streak_plan(student, now, random.Random(1), seven=state == "seven", risk=state == "risk")
     assert plan is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -53,6 +54,10 @@ class RealtimeCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         ep = self.endpoint
+        # Which process answered: with `serve --workers N` each scrape reaches one of them.
+        info = GaugeMetricFamily("viral_process_info", "this process (pid), always 1", labels=["pid"])
+        info.add_metric([str(os.getpid())], 1)
+        yield info
         # Every counter the engine keeps, described or not: a new one is never silently missing.
         for name, value in ep.stats.as_dict().items():
             family = CounterMetricFamily(f"viral_realtime_{name}", _COUNTERS.get(name, f"realtime {name}"))
