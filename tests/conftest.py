@@ -10,13 +10,12 @@ import contextlib
 import os
 import shutil
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import ServerProcess
+from servers import ServerProcess, fresh_postgres, pg_admin, with_database
 
 from store.migrate import upgrade
 
@@ -67,35 +66,10 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def postgres_template(postgres_url: str) -> Iterator[str]:
     name = f"viral_tpl_{os.getpid()}"
-    asyncio.run(_pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
-    upgrade(_with_database(postgres_url, name))
+    asyncio.run(pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    upgrade(with_database(postgres_url, name))
     yield name
-    asyncio.run(_pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def _with_database(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
-
-
-async def _pg_admin(url: str, *statements: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-def _fresh_postgres(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A new PostgreSQL database copied from the migrated template, dropped afterwards."""
-    base = request.getfixturevalue("postgres_url")
-    template = request.getfixturevalue("postgres_template")
-    name = f"viral_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_pg_admin(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    yield _with_database(base, name)
-    asyncio.run(_pg_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(pg_admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -106,7 +80,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite+aiosqlite:///{path}"
         return
-    yield from _fresh_postgres(request)
+    yield from fresh_postgres(request, "viral_t")
 
 
 @pytest.fixture
@@ -114,7 +88,7 @@ def server_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     """The fresh database the servers of one test share: SQLite, or PostgreSQL when
     TEST_DATABASE=postgresql (as CI runs the suite)."""
     if os.environ.get("TEST_DATABASE", "sqlite") == "postgresql":
-        yield from _fresh_postgres(request)
+        yield from fresh_postgres(request, "viral_t")
     else:
         path = tmp_path / "shared.db"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)

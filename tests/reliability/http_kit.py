@@ -5,14 +5,12 @@ client might try, and a fingerprint of every table to show that refused requests
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
 import os
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import jwt
 import orjson
 import pytest
-from servers import SECRET, ServerProcess, make_token
+from servers import SECRET, ServerProcess, fresh_postgres, make_token
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -150,17 +148,6 @@ async def fingerprint(database_url: str) -> dict[str, str]:
 # One server per module.
 
 
-async def _pg(url: str, *statements: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 def fresh_database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kind: str | None = None
 ) -> Iterator[str]:
@@ -168,12 +155,7 @@ def fresh_database(
     TEST_DATABASE=postgresql (as CI runs), else SQLite; copied from the session's migrated template
     like `server_database`."""
     if (kind or os.environ.get("TEST_DATABASE", "sqlite")) == "postgresql":
-        base = request.getfixturevalue("postgres_url")
-        template = request.getfixturevalue("postgres_template")
-        name = f"viral_m_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        asyncio.run(_pg(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        yield base.rsplit("/", 1)[0] + "/" + name
-        asyncio.run(_pg(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        yield from fresh_postgres(request, "viral_m")
     else:
         path = tmp_path_factory.mktemp("module-db") / "module.db"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
