@@ -38,7 +38,8 @@ class Outbound(Protocol):
         """Start a close handshake with this code and reason; later sends are dropped."""
 
 
-# How long a closing socket on the ASGI path may take to finish before its connection is aborted.
+# How long a closing socket may keep its connection before it is aborted, on either I/O path: long
+# enough for a healthy client to echo the close, short enough that a stalled one frees its memory.
 CLOSE_TIMEOUT = 5.0
 
 

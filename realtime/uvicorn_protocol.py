@@ -43,7 +43,7 @@ from websockets.speedups import apply_mask
 
 from .endpoint import FAST_TRANSPORT_EXTENSION
 from .frames import close_frame, text_frame
-from .outbound import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
+from .outbound import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, CLOSE_TIMEOUT
 from .stats import RealtimeStats
 
 if TYPE_CHECKING:
@@ -51,9 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("uvicorn.error")
 
-# How long a closing socket may keep its buffer before the transport is aborted: long enough
-# for a healthy client to echo the close, short enough that a stalled one frees its memory.
-CLOSE_TIMEOUT = 5.0
 # Messages a busy socket (one whose join or event is still awaiting) may queue before reading pauses.
 INBOX_PAUSE = 64
 MAX_REQUEST_BYTES = 16 * 1024
@@ -594,7 +591,7 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
                     reply, reason = CLOSE_INVALID_DATA, "invalid UTF-8 in the close reason"
                 else:
                     reply = code
-        if reply in (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA) and reply != code and self._stats is not None:
+        if reason and self._stats is not None:  # a refusal (1002/1007), not an echo
             self._stats.malformed_frames += 1
         # Echo the close (RFC 6455 §5.5.1), or answer a broken one with 1002/1007, then hang up.
         self._flush()
