@@ -10,12 +10,14 @@ from metrics.live import ExperimentsDashboard, GuardrailsDashboard, KFactorDashb
 from presence import PresenceTracker
 from realtime import Channel
 from store import Database
+from store.privacy import PrivacyRules
 
 if TYPE_CHECKING:
     from loops import LoopEngine
 
     from .leaderboard import Leaderboards
     from .leaderboard_channel import BoardWatcher
+    from .privacy import PrivacyNotices
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,9 @@ class ChannelContext:
     experiments: ExperimentsDashboard
     guardrails: GuardrailsDashboard
     loops: LoopEngine
-    # Keys the per-topic pseudonyms of minors in presence lists (stable, not reversible by clients).
-    pseudonym_key: bytes
+    # Privacy states from the store and the one rule showing a user to a viewer; changes announced.
+    privacy: PrivacyRules
+    notices: PrivacyNotices
 
 
 class ProductChannel(Channel):

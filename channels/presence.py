@@ -11,9 +11,9 @@ import re
 from typing import Any
 
 from realtime import JoinError, ReplyError
+from store.privacy import ANONYMOUS_NAME, OUTSIDER, PrivacyState
 
 from .context import ProductChannel
-from .privacy import ANONYMOUS_NAME, Visibility, pseudonym
 
 SUBJECT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATUSES = frozenset({"online", "in_session", "idle", "away"})
@@ -22,38 +22,49 @@ STATUSES = frozenset({"online", "in_session", "idle", "away"})
 class _Tracked(ProductChannel):
     """Tracks this channel's user in the presence tracker from join to terminate."""
 
-    __slots__ = ("_hidden", "_ref", "_status")
+    __slots__ = ("_hidden", "_ref", "_state", "_status")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._ref: str | None = None
         self._status = "online"
         self._hidden = False
+        self._state: PrivacyState | None = None
+
+    async def load_privacy(self) -> PrivacyState:
+        """This user's privacy state from the store, with what their token adds."""
+        uid = str(self.claims["sub"])
+        async with self.services.database.session() as session:
+            stored = await self.services.privacy.load_one(session, uid)
+        self._state = stored.with_claims(self.claims)
+        return self._state
 
     def _identity(self) -> tuple[str, dict[str, Any], bool]:
-        """(key, meta, listed) for this user on this topic, with the privacy rules applied."""
-        who = Visibility.from_claims(self.claims)
-        listed = not who.opted_out and not self._hidden
-        if who.minor:
+        """(key, meta, listed) for this user on this topic, as other users may see them."""
+        assert self._state is not None
+        shown = self.services.privacy.show(self._state, OUTSIDER, self.topic)
+        listed = shown is not None and not self._hidden
+        if shown is None or shown.user_id is None:
             # No name, no id, no role: only what any student could be.
-            return (
-                pseudonym(self.services.pseudonym_key, self.topic, who.uid),
-                {
-                    "name": ANONYMOUS_NAME,
-                    "status": self._status,
-                },
-                listed,
-            )
-        meta: dict[str, Any] = {"status": self._status, "role": who.role}
-        if who.name:
-            meta["name"] = who.name
-        return who.uid, meta, listed
+            key = self.services.privacy.handle(self.topic, self._state.uid)
+            return key, {"name": ANONYMOUS_NAME, "status": self._status}, listed
+        meta: dict[str, Any] = {"status": self._status, "role": self.claims.get("role"), "name": shown.name}
+        return shown.user_id, meta, listed
 
     def _track(self) -> None:
         key, meta, listed = self._identity()
         self._ref = self.services.presence.track(
             self, self.topic, key, meta, uid=str(self.claims["sub"]), listed=listed
         )
+
+    async def privacy_changed(self) -> None:
+        """Re-render this user's presence from the store (their privacy state changed)."""
+        if self._ref is None:
+            return
+        await self.load_privacy()
+        # Its key may change (an id becomes a handle): leave and join again, one diff for viewers.
+        self.services.presence.untrack(self)
+        self._track()
 
     async def terminate(self, reason: str) -> None:
         self.services.presence.untrack(self)
@@ -71,6 +82,7 @@ class SubjectPresenceChannel(_Tracked):
             raise JoinError(f"status must be one of {sorted(STATUSES)}")
         self._status = status
         self._hidden = bool(params.get("hidden", False))
+        await self.load_privacy()
         return {}
 
     async def after_join(self) -> None:
@@ -100,7 +112,11 @@ class GlobalPresenceChannel(_Tracked):
     __slots__ = ()
 
     async def join(self, params: dict[str, Any]) -> dict[str, Any]:
+        await self.load_privacy()
         return {}
+
+    async def privacy_changed(self) -> None:
+        return None  # counted, never listed: nothing to re-render
 
     async def after_join(self) -> None:
         # Counted, never listed: this topic only ever carries aggregate counts.

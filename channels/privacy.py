@@ -1,42 +1,167 @@
-"""How a user may be shown to other users (SPEC §7): minors anonymised, opted-out users invisible.
+"""A change of a user's privacy state (opted out or in, marked a minor, consent, deleted) takes effect
+everywhere at once.
 
-Until the user store exists the facts come from the verified token claims: `minor` (SPEC §5) and
-`opted_out` (the user turned social features off); `name` is the display name when the platform
-puts one in the token.
+Whoever changes the state in the store calls `PrivacyNotices.changed` after the commit. That runs the
+shared work once, here (purging and re-rendering what is stored for everyone: public feed items, the
+leaderboard caches), then tells every node over the broker, where the local work runs (presence metas of
+the user's sockets, closing a deleted user's sockets, refusing their old tokens, re-pushing boards).
+The rendering itself is `store.privacy.PrivacyRules.show`, read from the store each time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-ANONYMOUS_NAME = "A student"
+import orjson
+
+from realtime import Hub, PhoenixEndpoint, Revocations
+from store import Database
+from store.privacy import ANONYMOUS_NAME, PrivacyRules, PrivacyState, Shown, Viewer
+
+log = logging.getLogger(__name__)
+
+PRIVACY_TOPIC = "__privacy__"
+# Tombstones are re-read this often, so a node that missed a notice (it was reconnecting to the
+# broker) still refuses a deleted user's old tokens soon after.
+TOMBSTONE_REFRESH = 30.0
 
 
 @dataclass(frozen=True, slots=True)
-class Visibility:
-    uid: str
-    minor: bool
-    opted_out: bool
-    name: str | None
-    role: str | None
+class PrivacyChange:
+    user_id: str
+    deleted_at: datetime | None = None
 
-    @classmethod
-    def from_claims(cls, claims: dict[str, Any]) -> Visibility:
-        name = claims.get("name")
-        return cls(
-            uid=str(claims["sub"]),
-            minor=bool(claims.get("minor", False)),
-            opted_out=bool(claims.get("opted_out", False)),
-            name=name if isinstance(name, str) and name else None,
-            role=claims.get("role") if isinstance(claims.get("role"), str) else None,
-        )
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
 
-def pseudonym(key: bytes, scope: str, uid: str) -> str:
-    """A stable stand-in for a user id within one scope (topic): the same user's tabs group under
-    one key, but the id cannot be read back and differs between topics, so it cannot be linked."""
-    digest = hmac.new(key, f"{scope}\x00{uid}".encode(), hashlib.sha256).hexdigest()
-    return f"anon-{digest[:20]}"
+Handler = Callable[[PrivacyChange], Awaitable[None]]
+
+
+class PrivacyNotices:
+    def __init__(self, hub: Hub, database: Database, rules: PrivacyRules, revocations: Revocations) -> None:
+        self.hub = hub
+        self.database = database
+        self.rules = rules
+        self.revocations = revocations
+        self._shared: list[Handler] = []
+        self._local: list[Handler] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    def on_change(self, handler: Handler, *, shared: bool = False) -> None:
+        """Call `handler` on every change: `shared` work (stored for everyone) once, on the node that made
+        the change; local work on every node, this one included."""
+        (self._shared if shared else self._local).append(handler)
+
+    async def changed(self, user_id: str, *, deleted_at: datetime | None = None) -> None:
+        """The user's privacy state changed in the store (committed): apply it everywhere."""
+        change = PrivacyChange(user_id, deleted_at)
+        if deleted_at is not None:
+            self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
+        for handler in self._shared:
+            await self._run(handler, change)
+        message = {"user": user_id, "deleted_at": deleted_at.timestamp() if deleted_at else None}
+        try:
+            await self.hub.publish_raw(PRIVACY_TOPIC, orjson.dumps(message))
+        except Exception as exc:  # the broker is down: this node applies it; others refresh tombstones
+            log.warning("privacy change of a user not announced to other nodes: %s", exc)
+            self._on_message(orjson.dumps(message))
+
+    async def start(self) -> None:
+        await self.reload_tombstones()
+        await self.hub.listen(PRIVACY_TOPIC, self._on_message)
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="privacy-tombstones")
+
+    async def stop(self) -> None:
+        self.hub.unlisten(PRIVACY_TOPIC, self._on_message)
+        tasks = [t for t in (self._refresher, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._refresher = None
+
+    async def reload_tombstones(self) -> None:
+        async with self.database.session() as session:
+            found = await self.rules.tombstones(session)
+        self.revocations.replace({key: at.timestamp() for key, at in found.items()})
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TOMBSTONE_REFRESH)
+            try:
+                await self.reload_tombstones()
+            except Exception as exc:
+                log.warning("could not re-read deleted users' tombstones: %s", exc)
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            message: dict[str, Any] = orjson.loads(raw)
+            user_id = str(message["user"])
+            deleted = message.get("deleted_at")
+            deleted_at = datetime.fromtimestamp(float(deleted), UTC) if deleted is not None else None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignored a malformed privacy notice: %r", raw[:200])
+            return
+        change = PrivacyChange(user_id, deleted_at)
+        if deleted_at is not None:
+            self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
+        task = asyncio.get_running_loop().create_task(self._apply_local(change), name="privacy-change")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply_local(self, change: PrivacyChange) -> None:
+        for handler in self._local:
+            await self._run(handler, change)
+
+    @staticmethod
+    async def _run(handler: Handler, change: PrivacyChange) -> None:
+        try:
+            await handler(change)
+        except Exception:
+            log.exception("applying a privacy change failed in %r", handler)
+
+
+# A deleted user's sockets close with this code: a policy reason, not an error; phoenix.js reconnects and
+# is refused at the upgrade (their old tokens no longer verify).
+CLOSE_USER_DELETED = 1008
+
+
+def sockets_follow_changes(endpoint: PhoenixEndpoint) -> Handler:
+    """The node-local handler for this endpoint's sockets: a deleted user's are closed; for anyone
+    else, every joined channel that renders its user to others (`privacy_changed`) re-renders."""
+
+    async def apply(change: PrivacyChange) -> None:
+        for sock in [s for s in endpoint.sockets if s.user_id == change.user_id]:
+            if change.deleted:
+                sock.close(CLOSE_USER_DELETED, "this account was deleted")
+                continue
+            for channel in list(sock.channels.values()):
+                rerender = getattr(channel, "privacy_changed", None)
+                if rerender is not None:
+                    await rerender()
+
+    return apply
+
+
+__all__ = [
+    "ANONYMOUS_NAME",
+    "CLOSE_USER_DELETED",
+    "PRIVACY_TOPIC",
+    "PrivacyChange",
+    "PrivacyNotices",
+    "PrivacyRules",
+    "PrivacyState",
+    "Shown",
+    "Viewer",
+    "sockets_follow_changes",
+]

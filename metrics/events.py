@@ -6,6 +6,7 @@ per-field errors a client developer can act on.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -41,11 +42,23 @@ CLOCK_SKEW = timedelta(minutes=5)
 
 @dataclass(frozen=True, slots=True)
 class EventIn:
+    """An event to store. `id` is the stored key; `client_id`, when a client chose the id, is that id as
+    the client sent it (and is told back)."""
+
     id: str
     type: str
     user_id: str
     ts: datetime
     props: dict[str, Any]
+    client_id: str | None = None
+
+
+def client_event_id(sender: str, client_id: str) -> str:
+    """The stored id of an event whose id a client chose: scoped to the sender, so one sender's ids
+    never collide with (or suppress) another's, and a retry by the same sender is still a duplicate.
+    Ids the server makes never have this shape ("c-" and 40 hex digits), so no client can pre-claim one."""
+    digest = hashlib.blake2b(f"{sender}\x00{client_id}".encode(), digest_size=20).hexdigest()
+    return f"c-{digest}"
 
 
 class EventRejected(Exception):
@@ -101,9 +114,7 @@ def validate_event(raw: Any, *, caller: str, is_admin: bool, now: datetime) -> E
     elif user_id != caller and not is_admin:
         errors["user_id"] = "may only be your own user id (admins may send for anyone)"
     event_id = raw.get("id")
-    if event_id is None:
-        event_id = uuid.uuid4().hex
-    elif not isinstance(event_id, str) or not ID_PATTERN.match(event_id):
+    if event_id is not None and (not isinstance(event_id, str) or not ID_PATTERN.match(event_id)):
         errors["id"] = "must be a string of 1-64 letters, digits or _.:- (it is the idempotency key)"
     ts = now
     if raw.get("ts") is not None:
@@ -139,5 +150,8 @@ def validate_event(raw: Any, *, caller: str, is_admin: bool, now: datetime) -> E
         raise EventRejected({"props": f"cannot be stored as JSON: {exc}"}) from None
     if len(encoded) > MAX_PROPS_BYTES:
         raise EventRejected({"props": f"must encode to at most {MAX_PROPS_BYTES} bytes"})
-    assert isinstance(etype, str) and isinstance(user_id, str) and isinstance(event_id, str)
-    return EventIn(event_id, etype, user_id, ts, props)
+    assert isinstance(etype, str) and isinstance(user_id, str)
+    if event_id is None:
+        return EventIn(uuid.uuid4().hex, etype, user_id, ts, props)
+    assert isinstance(event_id, str)
+    return EventIn(client_event_id(caller, event_id), etype, user_id, ts, props, client_id=event_id)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import case, select, update
 
 from store import Database, Event, User, UserActivity, dialect_insert, utcnow
+from store.privacy import opt_out_user
 
 from .events import EventIn
 from .stream import EventStream, StreamUnavailable
@@ -67,7 +68,9 @@ class EventIngest:
     ) -> list[Accepted]:
         """Store new events (duplicates by id are skipped) and stream them.
 
-        `actor_claims`, when the caller is a user, refresh that user's role and minor flag (SPEC §8a).
+        `actor_claims`, when the caller is a user, refresh that user's role, and mark them a minor when
+        the token says so (a token only adds protection: no claim makes a minor an adult). An `opt_out`
+        event opts its user out in the same transaction (by themself, or by the admin who sent it).
         """
         unique = list({e.id: e for e in events}.values())  # an id twice in one batch is one event
         now = utcnow()
@@ -100,14 +103,10 @@ class EventIngest:
                 if actor_claims is not None and actor_claims.get("role") != "admin":
                     await self._refresh_profile(session, insert, actor_claims)
                 opted_out = {e.user_id for e in unique if e.id in created and e.type == "opt_out"}
-                for user_id in opted_out:
+                for user_id in sorted(opted_out):
                     # At ingest, not in a consumer: from this commit on, no consumer renders them publicly.
-                    await session.execute(
-                        insert(User)
-                        .values(id=user_id, opted_out=True, subjects=[], created_at=now, updated_at=now)
-                        .on_conflict_do_update(
-                            index_elements=["id"], set_={"opted_out": True, "updated_at": now}
-                        )
+                    await opt_out_user(
+                        session, user_id, by="self" if user_id == actor_id else "admin", now=now
                     )
         except Exception as exc:
             # A timeout may strike during COMMIT, so the events may in fact be stored: the caller retries
@@ -119,7 +118,7 @@ class EventIngest:
             raise IngestUnavailable(reason) from exc
         if created:
             await self.publish([Event(**row) for row in rows if row["id"] in created])
-        return [Accepted(e.id, e.id not in created) for e in events]
+        return [Accepted(e.client_id or e.id, e.id not in created) for e in events]
 
     @staticmethod
     async def _touch_activity(session: Any, insert: Any, rows: list[dict[str, Any]]) -> None:
@@ -151,16 +150,16 @@ class EventIngest:
     async def _refresh_profile(session: Any, insert: Any, claims: dict[str, Any]) -> None:
         now = utcnow()
         role = claims.get("role") if claims.get("role") in ("student", "parent", "tutor") else "student"
-        minor = bool(claims.get("minor", False))
+        minor = claims.get("minor") is True
+        stmt = insert(User).values(
+            id=str(claims["sub"]), role=role, minor=minor, subjects=[], created_at=now, updated_at=now
+        )
+        # minor = stored OR claimed: the claim can set the flag, never clear it.
         await session.execute(
-            insert(User)
-            .values(
-                id=str(claims["sub"]), role=role, minor=minor, subjects=[], created_at=now, updated_at=now
-            )
-            .on_conflict_do_update(
+            stmt.on_conflict_do_update(
                 index_elements=["id"],
-                set_={"role": role, "minor": minor, "updated_at": now},
-                where=(User.role != role) | (User.minor != minor),
+                set_={"role": role, "minor": User.minor | stmt.excluded.minor, "updated_at": now},
+                where=(User.role != role) | (stmt.excluded.minor & ~User.minor),
             )
         )
 

@@ -14,7 +14,7 @@ from .router import Router
 from .serializer import Message, ProtocolError
 from .socket import Socket, SocketLimits
 from .stats import RealtimeStats
-from .tokens import InvalidToken, TokenVerifier
+from .tokens import InvalidToken, Revocations, TokenVerifier
 
 __all__ = [
     "NO_REPLY",
@@ -32,6 +32,7 @@ __all__ = [
     "RealtimeStats",
     "RedisBroker",
     "ReplyError",
+    "Revocations",
     "Router",
     "Socket",
     "SocketLimits",

@@ -28,6 +28,7 @@ from .models import (
     Reward,
     ScoreEntry,
     Streak,
+    Tombstone,
     User,
     UserActivity,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "Reward",
     "ScoreEntry",
     "Streak",
+    "Tombstone",
     "User",
     "UserActivity",
     "dialect_insert",

@@ -28,8 +28,20 @@ class User(Base):
     timezone: Mapped[str | None] = mapped_column(String(64))
     subjects: Mapped[list[str]] = mapped_column(JSONType, default=list)
     opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Who opted them out: "self", "parent" or "admin"; only a parent or an admin undoes the last two.
+    opted_out_by: Mapped[str | None] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Tombstone(Base):
+    """A deleted user, by a keyed hash of their id (never the id itself): tokens issued before
+    `deleted_at` are refused, on every node."""
+
+    __tablename__ = "user_tombstones"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Event(Base):

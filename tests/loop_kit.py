@@ -20,6 +20,7 @@ import uvicorn
 from servers import SECRET, PhxClient, free_port, make_token
 
 from loops import ManualClock
+from metrics.events import client_event_id
 from web.app import create_app
 from web.cli import uvicorn_options
 from web.config import Settings
@@ -66,9 +67,10 @@ class LoopWorld:
         ]
         response = await self.http.post("/api/events", json=body, headers=self.headers("ops", "admin"))
         assert response.status_code == 202, response.text
-        await self.consumed(event_id)
+        await self.consumed(client_event_id("ops", event_id))
 
     async def consumed(self, event_id: str, timeout: float = 10.0) -> None:
+        """Wait for the stored event `event_id` (a client's id is stored as `client_event_id`)."""
         from sqlalchemy import func, select
 
         from store import Consumption

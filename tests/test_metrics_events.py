@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from metrics import EventRejected, validate_event
+from metrics.events import client_event_id
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -29,8 +30,27 @@ def test_a_valid_event_gets_an_id_and_the_server_time():
     assert event.props == {"subject": "algebra", "minutes": 20}
 
 
-def test_the_given_id_is_the_idempotency_key():
-    assert check({"type": "signup", "user_id": "maya", "id": "evt-1"}).id == "evt-1"
+def test_the_given_id_is_the_idempotency_key_within_its_sender():
+    event = check({"type": "signup", "user_id": "maya", "id": "evt-1"})
+    assert event.client_id == "evt-1"
+    assert (
+        event.id
+        == client_event_id("maya", "evt-1")
+        == check({"type": "signup", "user_id": "maya", "id": "evt-1"}).id
+    )
+
+
+def test_two_senders_choosing_the_same_id_get_different_events():
+    mine = check({"type": "signup", "user_id": "maya", "id": "opt-out-maya-1"}, caller="maya")
+    theirs = check({"type": "signup", "user_id": "ops", "id": "opt-out-maya-1"}, caller="ops", admin=True)
+    assert mine.id != theirs.id
+
+
+def test_a_client_cannot_choose_an_id_in_the_servers_namespace():
+    # Whatever a client sends, its stored id is "c-" and 40 hex digits: never one the server makes.
+    for chosen in ("opt-out-maya-1700000000", "exposure-abc", "c-" + "0" * 40):
+        stored = check({"type": "signup", "user_id": "maya", "id": chosen}).id
+        assert stored != chosen and stored.startswith("c-") and len(stored) == 42
 
 
 @pytest.mark.parametrize(

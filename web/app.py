@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,13 +16,15 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
+from channels.privacy import PrivacyNotices, sockets_follow_changes
 from loops import Clock, SystemClock
 from metrics import EventIngest, stream_from_url
 from metrics.live import ExperimentsDashboard, KFactorDashboard
 from presence import PresenceTracker
-from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Router, broker_from_url
+from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Revocations, Router, broker_from_url
 from realtime.endpoint import ExposeTransportAbort
 from store import Database
+from store.privacy import PrivacyRules
 
 from . import (
     dashboards,
@@ -119,7 +120,9 @@ def create_app(
     settings = settings or Settings.from_env()
     install_token_redaction()
     settings.warn_if_unsafe()
-    verifier = token_verifier(settings)
+    privacy = PrivacyRules(settings.secret_key)
+    revocations = Revocations(privacy.tombstone_key)
+    verifier = token_verifier(settings, revocations)
     endpoint = PhoenixEndpoint(
         router=router or build_router(),
         verifier=verifier,
@@ -150,6 +153,8 @@ def create_app(
     if scheduler is not None:
         guardrail_jobs.register(scheduler)
     tracker = PresenceTracker(endpoint.hub, settings.presence)
+    notices = PrivacyNotices(endpoint.hub, database, privacy, revocations)
+    notices.on_change(sockets_follow_changes(endpoint))
     readiness = ReadinessMonitor(
         [Dependency("broker", endpoint.hub.broker.ping), Dependency("database", database.ping)]
     )
@@ -163,7 +168,8 @@ def create_app(
         experiments=experiments_dashboard,
         guardrails=guardrails_dashboard,
         loops=engine,
-        pseudonym_key=hashlib.sha256(b"presence-pseudonym\x00" + settings.secret_key.encode()).digest(),
+        privacy=privacy,
+        notices=notices,
     )
 
     @contextlib.asynccontextmanager
@@ -178,6 +184,7 @@ def create_app(
         await readiness.start()
         await ingest.start()
         await tracker.start()
+        await notices.start()
         await board_watcher.start()
         await k_factor.start()
         await experiments_dashboard.start()
@@ -201,6 +208,7 @@ def create_app(
             await experiments_dashboard.stop()
             await guardrails_dashboard.stop()
             await board_watcher.stop()
+            await notices.stop()
             await tracker.stop()
             await readiness.stop()
             await endpoint.stop()
@@ -237,6 +245,8 @@ def create_app(
     app.state.endpoint = endpoint
     app.state.database = database
     app.state.presence = tracker
+    app.state.privacy = privacy
+    app.state.notices = notices
     app.state.ingest = ingest
     app.state.k_factor = k_factor
     app.state.experiments_dashboard = experiments_dashboard

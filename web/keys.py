@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from metrics.links import LinkSigner
-from realtime import TokenVerifier
+from realtime import Revocations, TokenVerifier
 
 from .config import Settings
 
@@ -24,9 +24,10 @@ class RotatingTokenVerifier(TokenVerifier):
         old_secrets: Sequence[str] = (),
         old_until: float | None = None,
         clock: Callable[[], float] = time.time,
+        revocations: Revocations | None = None,
     ) -> None:
-        super().__init__(secret, old_secrets=old_secrets)
-        self._current_only = TokenVerifier(secret)
+        super().__init__(secret, old_secrets=old_secrets, revocations=revocations)
+        self._current_only = TokenVerifier(secret, revocations=revocations)
         self._old_until = old_until
         self._clock = clock
 
@@ -36,9 +37,12 @@ class RotatingTokenVerifier(TokenVerifier):
         return super().verify(token)
 
 
-def token_verifier(settings: Settings) -> TokenVerifier:
+def token_verifier(settings: Settings, revocations: Revocations | None = None) -> TokenVerifier:
     return RotatingTokenVerifier(
-        settings.secret_key, old_secrets=settings.old_secret_keys, old_until=settings.old_secret_keys_until
+        settings.secret_key,
+        old_secrets=settings.old_secret_keys,
+        old_until=settings.old_secret_keys_until,
+        revocations=revocations,
     )
 
 
