@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
 from store import Database, Feed, FeedItem, User, dialect_insert, utcnow
+from store.privacy import PrivacyRules
 
 from .access import is_self_or_admin
 from .presence import SUBJECT
@@ -140,8 +141,9 @@ class FeedConsumer:
 
     name = "feed"
 
-    def __init__(self, hub: Hub, retained: int = RETAINED_PER_FEED) -> None:
+    def __init__(self, hub: Hub, privacy: PrivacyRules, retained: int = RETAINED_PER_FEED) -> None:
         self.hub = hub
+        self.privacy = privacy
         self.retained = retained
 
     async def maintain(self, database: Database) -> int:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from metrics.stream import redis_from_url
 from realtime import Hub
 from store import Database, ScoreEntry, User
+from store.privacy import PrivacyRules
 
 from .privacy import ANONYMOUS_NAME
 
@@ -245,9 +246,10 @@ TTL = {"daily": 3 * 86400, "weekly": 15 * 86400, "all_time": None}
 class Leaderboards:
     """Reads and rebuilds boards; the consumer below writes them."""
 
-    def __init__(self, database: Database, store: BoardStore) -> None:
+    def __init__(self, database: Database, store: BoardStore, privacy: PrivacyRules) -> None:
         self.database = database
         self.store = store
+        self.privacy = privacy
         self._rebuilding: dict[str, asyncio.Lock] = {}
 
     async def ensure(self, subject: str, window: str, now: datetime) -> tuple[str, bool]:

@@ -42,6 +42,7 @@ class LoopRoomChannel(_Tracked):
         }
         if item.loop == "results_rally":
             reply["standings"] = await self.services.loops.rally_standings(item.id)
+        await self.load_privacy()
         return reply
 
     async def after_join(self) -> None:

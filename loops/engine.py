@@ -29,6 +29,7 @@ from metrics.links import LinkSigner
 from metrics.rewards import Paid, pay
 from realtime import BrokerUnavailable, Hub
 from store import Database, Experiment, LoopItem, LoopJob, LoopMember, User
+from store.privacy import PrivacyRules
 
 from .clock import Clock, SystemClock
 from .copy import CopyRequest, CopyRouter
@@ -125,6 +126,7 @@ class LoopServices:
     hub: Hub
     signer: LinkSigner
     emit: Emit
+    privacy: PrivacyRules
     orchestrator: Orchestrator = field(default_factory=Orchestrator)
     clock: Clock = field(default_factory=SystemClock)
     copy: CopyRouter = field(default_factory=lambda: CopyRouter([], None))

@@ -11,6 +11,7 @@ from channels.leaderboard import MemoryBoards, RedisBoards, board_key, period, p
 from metrics import ConsumerRunner, MemoryEventStream
 from realtime import Hub, MemoryBroker, RealtimeStats
 from store import Database, User, utcnow
+from store.privacy import PrivacyRules
 
 
 def quiz(eid: str, user: str, score: float, subject: str = "algebra", ts: datetime | None = None) -> dict:
@@ -61,7 +62,7 @@ async def boards(request, database_url):
     database = Database(database_url)
     hub = Hub(MemoryBroker(), RealtimeStats())
     await hub.start()
-    leaderboards = Leaderboards(database, store)
+    leaderboards = Leaderboards(database, store, PrivacyRules("test"))
     consumer = LeaderboardConsumer(leaderboards, hub)
     runner = ConsumerRunner(database, MemoryEventStream(), [consumer])
 

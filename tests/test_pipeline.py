@@ -13,6 +13,7 @@ from channels.feed import feed_history
 from metrics import ConsumerRunner, EventIn, EventIngest, MemoryEventStream, RedisEventStream
 from realtime import Hub, MemoryBroker, RealtimeStats
 from store import Consumption, Database, Event, FeedItem, User, utcnow
+from store.privacy import PrivacyRules
 
 
 def session_event(eid: str, user: str = "maya", subject: str = "algebra", minutes: int = 20) -> EventIn:
@@ -107,7 +108,7 @@ async def test_redis_stream_redelivers_what_a_crashed_consumer_did_not_ack(redis
 
 
 async def test_a_consumer_applies_each_event_once_however_often_it_arrives(db, hub):
-    consumer = FeedConsumer(hub)
+    consumer = FeedConsumer(hub, PrivacyRules("test"))
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     message = stream_message("e1", "session_completed", "maya", {"subject": "algebra", "minutes": 20})
     results = [await runner.process(consumer, message) for _ in range(3)]
@@ -149,7 +150,7 @@ async def test_a_failing_event_is_retried_then_parked_with_its_error(db):
 async def test_the_reconciler_processes_events_the_stream_lost(db, hub):
     ingest = EventIngest(db, MemoryEventStream())  # nobody registered: the stream drops them
     await ingest.ingest([session_event("lost-1"), session_event("lost-2")], actor_id="maya")
-    consumer = FeedConsumer(hub)
+    consumer = FeedConsumer(hub, PrivacyRules("test"))
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer], reconcile_after=timedelta(0))
     assert await runner.reconcile() == 2
     assert await runner.reconcile() == 0
@@ -165,7 +166,7 @@ async def test_feed_items_follow_the_privacy_rules(db, hub):
                 User(id="shy", display_name="Shy", opted_out=True, subjects=[]),
             ]
         )
-    consumer = FeedConsumer(hub)
+    consumer = FeedConsumer(hub, PrivacyRules("test"))
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for user in ("maya", "kid", "shy", "nobody"):
         message = stream_message(f"ev-{user}", "quiz_result", user, {"subject": "geometry", "score": 92})
@@ -189,7 +190,7 @@ async def test_feed_items_follow_the_privacy_rules(db, hub):
 
 
 async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):
-    consumer = FeedConsumer(hub)
+    consumer = FeedConsumer(hub, PrivacyRules("test"))
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for i in range(5):
         message = stream_message(f"h{i}", "practice_completed", "maya", {"subject": "art"})
@@ -220,7 +221,7 @@ async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):
 
 
 async def test_feeds_keep_only_their_newest_items(db, hub):
-    consumer = FeedConsumer(hub, retained=3)
+    consumer = FeedConsumer(hub, PrivacyRules("test"), retained=3)
     runner = ConsumerRunner(db, MemoryEventStream(), [consumer])
     for i in range(5):
         message = stream_message(f"k{i}", "practice_completed", "maya", {"subject": "art"})

@@ -24,7 +24,6 @@ from presence import PresenceTracker
 from realtime import BrokerUnavailable, PhoenixEndpoint, RealtimeStats, Revocations, Router, broker_from_url
 from realtime.endpoint import ExposeTransportAbort
 from store import Database
-from store.privacy import PrivacyRules
 
 from . import (
     dashboards,
@@ -38,7 +37,7 @@ from . import (
 )
 from .auth import require_role
 from .config import Settings
-from .keys import link_signer, token_verifier
+from .keys import link_signer, privacy_rules, token_verifier
 from .logs import install_token_redaction
 from .openapi import openapi_json
 from .pipeline import build_guardrails, build_loops, build_runner, build_scheduler
@@ -120,7 +119,7 @@ def create_app(
     settings = settings or Settings.from_env()
     install_token_redaction()
     settings.warn_if_unsafe()
-    privacy = PrivacyRules(settings.secret_key)
+    privacy = privacy_rules(settings)
     revocations = Revocations(privacy.tombstone_key)
     verifier = token_verifier(settings, revocations)
     endpoint = PhoenixEndpoint(
@@ -134,14 +133,14 @@ def create_app(
     database = Database(settings.database_url)
     stream = stream_from_url(settings.broker_url, claim_idle=settings.events_claim_idle)
     ingest = EventIngest(database, stream)
-    leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
+    leaderboards = Leaderboards(database, boards_from_url(settings.broker_url), privacy)
     board_watcher = BoardWatcher(endpoint.hub, leaderboards)
     k_factor = KFactorDashboard(endpoint.hub, database)
     experiments_dashboard = ExperimentsDashboard(endpoint.hub, database)
     # On memory:// this process is the whole deployment, so it runs the consumers too;
     # on redis:// they run in `viral-engine worker` processes.
     clock = clock or SystemClock()
-    engine = build_loops(settings, database, endpoint.hub, ingest, clock)
+    engine = build_loops(settings, database, endpoint.hub, ingest, privacy, clock)
     embedded = settings.broker_url.startswith("memory://")
     runner = (
         build_runner(settings, database, stream, ingest, endpoint.hub, leaderboards, engine)

@@ -214,6 +214,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from realtime import Hub, RealtimeStats, broker_from_url
     from store import Database
 
+    from .keys import privacy_rules
     from .pipeline import build_guardrails, build_loops, build_runner, build_scheduler
 
     if settings.broker_url.startswith("memory://"):
@@ -228,9 +229,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         stream = stream_from_url(settings.broker_url, claim_idle=settings.events_claim_idle)
         hub = Hub(broker_from_url(settings.broker_url), RealtimeStats())
         await hub.start()
-        leaderboards = Leaderboards(database, boards_from_url(settings.broker_url))
+        privacy = privacy_rules(settings)
+        leaderboards = Leaderboards(database, boards_from_url(settings.broker_url), privacy)
         ingest = EventIngest(database, stream)
-        engine = build_loops(settings, database, hub, ingest)
+        engine = build_loops(settings, database, hub, ingest, privacy)
         runner = build_runner(settings, database, stream, ingest, hub, leaderboards, engine)
         scheduler = build_scheduler(settings, database, engine)
         _, guardrail_jobs = build_guardrails(settings, database, hub, engine)

@@ -10,6 +10,7 @@ from typing import Any
 
 from metrics.links import LinkSigner
 from realtime import Revocations, TokenVerifier
+from store.privacy import PrivacyRules
 
 from .config import Settings
 
@@ -44,6 +45,11 @@ def token_verifier(settings: Settings, revocations: Revocations | None = None) -
         old_until=settings.old_secret_keys_until,
         revocations=revocations,
     )
+
+
+def privacy_rules(settings: Settings) -> PrivacyRules:
+    """Privacy states and the rule showing users; its handles and tombstones are keyed by the secret."""
+    return PrivacyRules(settings.secret_key)
 
 
 def link_signer(settings: Settings) -> LinkSigner:

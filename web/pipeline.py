@@ -17,6 +17,7 @@ from metrics.live import ExperimentsDashboard, GuardrailsDashboard, KFactorDashb
 from metrics.rewards import Paid
 from realtime import Hub
 from store import Database
+from store.privacy import PrivacyRules
 
 from .config import Settings
 from .guardrails_api import GuardrailJobs
@@ -28,7 +29,12 @@ async def push_reward(hub: Hub, paid: Paid) -> None:
 
 
 def build_loops(
-    settings: Settings, database: Database, hub: Hub, ingest: EventIngest, clock: Clock | None = None
+    settings: Settings,
+    database: Database,
+    hub: Hub,
+    ingest: EventIngest,
+    privacy: PrivacyRules,
+    clock: Clock | None = None,
 ) -> LoopEngine:
     """The six loops with their services; the events they emit go through the one ingest path."""
 
@@ -40,6 +46,7 @@ def build_loops(
         hub=hub,
         signer=link_signer(settings),
         emit=emit,
+        privacy=privacy,
         copy=CopyRouter(
             parse_providers(settings.ai_providers),
             database,
@@ -98,7 +105,7 @@ def build_runner(
         database,
         stream,
         [
-            FeedConsumer(hub),
+            FeedConsumer(hub, leaderboards.privacy),
             LeaderboardConsumer(leaderboards, hub),
             AttributionConsumer(
                 link_signer(settings),

@@ -157,12 +157,13 @@ async def test_a_consumer_waits_for_the_database_instead_of_parking_the_event(da
     from metrics import ConsumerRunner, MemoryEventStream
     from realtime import Hub, MemoryBroker, RealtimeStats
     from store import Consumption, Database, FeedItem
+    from store.privacy import PrivacyRules
 
     proxy = TcpProxy(5432).start()
     database = Database(proxy.database_url(database_url))
     hub = Hub(MemoryBroker(), RealtimeStats())
     await hub.start()
-    runner = ConsumerRunner(database, MemoryEventStream(), [FeedConsumer(hub)])
+    runner = ConsumerRunner(database, MemoryEventStream(), [FeedConsumer(hub, PrivacyRules("test"))])
     message = {
         "id": "waits-1",
         "type": "session_completed",

@@ -25,6 +25,7 @@ from loops.scheduler import Scheduler, schedule
 from metrics.ingest import event_message
 from store import Consumption, Database, Event, LoopJob
 from store.models import Base
+from store.privacy import PrivacyRules
 
 H = timedelta(hours=1)
 
@@ -323,7 +324,7 @@ async def test_a_board_rebuilt_between_commit_and_cache_update_counts_each_event
 
     database = Database(database_url)
     boards = RedisBoards(redis_url)
-    leaderboards = Leaderboards(database, boards)
+    leaderboards = Leaderboards(database, boards, PrivacyRules("test"))
     hub = Hub(MemoryBroker(), RealtimeStats())
     await hub.start()
     consumer = LeaderboardConsumer(leaderboards, hub)
