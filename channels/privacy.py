@@ -76,7 +76,15 @@ class PrivacyNotices:
             self._on_message(orjson.dumps(message))
 
     async def start(self) -> None:
-        await self.reload_tombstones()
+        # The database may be down at start-up (readiness reports it): the refresher keeps trying.
+        try:
+            await self.reload_tombstones()
+        except Exception as exc:
+            log.warning(
+                "deleted users' tombstones not read at start-up (retried every %gs): %s",
+                TOMBSTONE_REFRESH,
+                exc,
+            )
         await self.hub.listen(PRIVACY_TOPIC, self._on_message)
         self._refresher = asyncio.create_task(self._refresh_forever(), name="privacy-tombstones")
 

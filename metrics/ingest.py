@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -62,6 +62,9 @@ class EventIngest:
         self.write_timeout = write_timeout
         self._streamed: set[str] = set()
         self._marker: asyncio.Task[None] | None = None
+        # Told, after the commit, of each user whose privacy state an ingest changed (an opt-out, a
+        # token marking them a minor), so the change takes effect everywhere (channels/privacy.py).
+        self.privacy_changed: Callable[[str], Awaitable[None]] | None = None
 
     async def ingest(
         self, events: Sequence[EventIn], *, actor_id: str, actor_claims: dict[str, Any] | None = None
@@ -100,9 +103,12 @@ class EventIngest:
                 created: set[str] = set((await session.execute(stmt, rows)).scalars()) if rows else set()
                 if created:
                     await self._touch_activity(session, insert, [r for r in rows if r["id"] in created])
+                changed: set[str] = set()
                 if actor_claims is not None and actor_claims.get("role") != "admin":
-                    await self._refresh_profile(session, insert, actor_claims)
+                    if await self._refresh_profile(session, insert, actor_claims):
+                        changed.add(str(actor_claims["sub"]))
                 opted_out = {e.user_id for e in unique if e.id in created and e.type == "opt_out"}
+                changed |= opted_out
                 for user_id in sorted(opted_out):
                     # At ingest, not in a consumer: from this commit on, no consumer renders them publicly.
                     await opt_out_user(
@@ -118,6 +124,9 @@ class EventIngest:
             raise IngestUnavailable(reason) from exc
         if created:
             await self.publish([Event(**row) for row in rows if row["id"] in created])
+        if self.privacy_changed is not None:
+            for user_id in sorted(changed):
+                await self.privacy_changed(user_id)
         return [Accepted(e.client_id or e.id, e.id not in created) for e in events]
 
     @staticmethod
@@ -147,7 +156,8 @@ class EventIngest:
         )
 
     @staticmethod
-    async def _refresh_profile(session: Any, insert: Any, claims: dict[str, Any]) -> None:
+    async def _refresh_profile(session: Any, insert: Any, claims: dict[str, Any]) -> bool:
+        """Upsert the caller's profile; True when this made them a minor."""
         now = utcnow()
         role = claims.get("role") if claims.get("role") in ("student", "parent", "tutor") else "student"
         minor = claims.get("minor") is True
@@ -155,13 +165,14 @@ class EventIngest:
             id=str(claims["sub"]), role=role, minor=minor, subjects=[], created_at=now, updated_at=now
         )
         # minor = stored OR claimed: the claim can set the flag, never clear it.
-        await session.execute(
+        written = await session.execute(
             stmt.on_conflict_do_update(
                 index_elements=["id"],
                 set_={"role": role, "minor": User.minor | stmt.excluded.minor, "updated_at": now},
                 where=(User.role != role) | (stmt.excluded.minor & ~User.minor),
-            )
+            ).returning(User.id)
         )
+        return minor and written.first() is not None
 
     async def publish(self, events: Sequence[Event]) -> bool:
         try:

@@ -154,6 +154,7 @@ def create_app(
     tracker = PresenceTracker(endpoint.hub, settings.presence)
     notices = PrivacyNotices(endpoint.hub, database, privacy, revocations)
     notices.on_change(sockets_follow_changes(endpoint))
+    ingest.privacy_changed = notices.changed
     readiness = ReadinessMonitor(
         [Dependency("broker", endpoint.hub.broker.ping), Dependency("database", database.ping)]
     )

@@ -145,6 +145,7 @@ async def put_user(request: Request) -> Response:
         return created
 
     created = await once_more_if_raced(write)  # two first PUTs at once: the second one updates
+    await request.app.state.notices.changed(user_id)  # name, minor or parent may have changed
     return ORJSONResponse({"id": user_id, "created": created}, status_code=201 if created else 200)
 
 

@@ -224,6 +224,7 @@ async def grant_consent(request: Request) -> Response:
             )
 
     await once_more_if_raced(write)
+    await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"user_id": user_id, "consent": True, "parent_id": parent, "method": method})
 
 
@@ -244,6 +245,7 @@ async def revoke_consent(request: Request) -> Response:
         if not getattr(revoked, "rowcount", 0):
             raise HTTPException(404, "no consent on record")
         session.add(AuditLog(actor=str(claims["sub"]), action="consent_revoked", subject=user_id, at=now))
+    await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"user_id": user_id, "consent": False})
 
 
@@ -273,6 +275,7 @@ async def opt_in(request: Request) -> Response:
         if not getattr(opted_in, "rowcount", 0):
             raise HTTPException(409, "not opted out")
         session.add(AuditLog(actor=str(claims["sub"]), action="opted_in", subject=user_id, at=now))
+    await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"user_id": user_id, "opted_out": False})
 
 
