@@ -24,6 +24,7 @@ import websockets
 from servers import RedisServer, free_port, make_token
 from sqlalchemy import func, select
 
+from metrics.events import client_event_id
 from store import Consumption, Database, Event, FeedItem, ScoreEntry
 
 CONSUMERS = ("feed", "leaderboard", "attribution", "experiments", "loops")
@@ -528,8 +529,12 @@ async def consumed_everything(database_url: str, expected_events: int) -> bool:
         await database.dispose()
 
 
-def assert_processed_exactly_once(effects: Effects, accepted: set[str], feeds_per_event: int = 3) -> None:
-    """Every accepted event stored once and processed once by every consumer, with its effects once."""
+def assert_processed_exactly_once(
+    effects: Effects, accepted_ids: set[str], feeds_per_event: int = 3, sender: str = "ops"
+) -> None:
+    """Every accepted event stored once and processed once by every consumer, with its effects once.
+    `accepted_ids` are the ids the clients chose (as answered); they are stored scoped to `sender`."""
+    accepted = {client_event_id(sender, i) for i in accepted_ids}
     assert effects.events == accepted, (
         f"stored but not accepted: {sorted(effects.events - accepted)[:5]}, "
         f"accepted but not stored: {sorted(accepted - effects.events)[:5]}"

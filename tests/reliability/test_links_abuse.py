@@ -18,6 +18,7 @@ import pytest
 from servers import SECRET, ServerProcess, make_token
 from sqlalchemy import func, select, update
 
+from metrics.events import client_event_id
 from metrics.links import LinkSigner
 from store import Click, Conversion, Database, Link, LinkRejection, Reward
 
@@ -215,7 +216,9 @@ async def test_replayed_signups_convert_and_pay_once(api: ServerProcess, db: Dat
         await http.post("/api/events", json=marker, headers=bearer(make_token("newbie-2")))
         await _until(lambda: _has_conversion(db, "newbie-2"))  # the replays were processed before it
     conversions = await _conversions(db, "newbie-1")
-    assert len(conversions) == 1 and conversions[0].signup_event_id == "signup-newbie-1"
+    assert len(conversions) == 1 and conversions[0].signup_event_id == client_event_id(
+        "newbie-1", "signup-newbie-1"
+    )
     rewards = await _rewards(db, "signup-ref")
     assert [(reason, ref) for reason, ref, _ in rewards] == [
         ("referral_signup", "newbie-1"),
