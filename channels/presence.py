@@ -33,9 +33,7 @@ class _Tracked(ProductChannel):
 
     async def load_privacy(self) -> PrivacyState:
         """This user's privacy state from the store, with what their token adds."""
-        uid = str(self.claims["sub"])
-        async with self.services.database.session() as session:
-            stored = await self.services.privacy.load_one(session, uid)
+        stored = await self.services.notices.directory.get(str(self.claims["sub"]))
         self._state = stored.with_claims(self.claims)
         return self._state
 

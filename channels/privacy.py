@@ -5,7 +5,8 @@ Whoever changes the state in the store calls `PrivacyNotices.changed` after the 
 shared work once, here (purging and re-rendering what is stored for everyone: public feed items, the
 leaderboard caches), then tells every node over the broker, where the local work runs (presence metas of
 the user's sockets, closing a deleted user's sockets, refusing their old tokens, re-pushing boards).
-The rendering itself is `store.privacy.PrivacyRules.show`, read from the store each time.
+The rendering itself is `store.privacy.PrivacyRules.show`. `PrivacyDirectory` is a node's cache of
+states for the hot join path, dropped per user by every notice (and after `STATE_TTL` in any case).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,11 +48,19 @@ Handler = Callable[[PrivacyChange], Awaitable[None]]
 
 
 class PrivacyNotices:
-    def __init__(self, hub: Hub, database: Database, rules: PrivacyRules, revocations: Revocations) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        database: Database,
+        rules: PrivacyRules,
+        revocations: Revocations,
+        directory: PrivacyDirectory | None = None,
+    ) -> None:
         self.hub = hub
         self.database = database
         self.rules = rules
         self.revocations = revocations
+        self.directory = directory or PrivacyDirectory(database, rules)
         self._shared: list[Handler] = []
         self._local: list[Handler] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -64,6 +74,7 @@ class PrivacyNotices:
     async def changed(self, user_id: str, *, deleted_at: datetime | None = None) -> None:
         """The user's privacy state changed in the store (committed): apply it everywhere."""
         change = PrivacyChange(user_id, deleted_at)
+        self.directory.forget(user_id)
         if deleted_at is not None:
             self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
         for handler in self._shared:
@@ -121,6 +132,7 @@ class PrivacyNotices:
             log.warning("ignored a malformed privacy notice: %r", raw[:200])
             return
         change = PrivacyChange(user_id, deleted_at)
+        self.directory.forget(user_id)
         if deleted_at is not None:
             self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
         task = asyncio.get_running_loop().create_task(self._apply_local(change), name="privacy-change")
@@ -137,6 +149,43 @@ class PrivacyNotices:
             await handler(change)
         except Exception:
             log.exception("applying a privacy change failed in %r", handler)
+
+
+# How long a cached state may serve without a notice: bounds the harm of a notice the broker lost.
+STATE_TTL = 30.0
+STATE_CACHE_SIZE = 100_000
+
+
+class PrivacyDirectory:
+    """This node's cache of privacy states read from the store. A load that started before an
+    invalidation of the same user does not store its (maybe stale) result."""
+
+    def __init__(self, database: Database, rules: PrivacyRules, ttl: float = STATE_TTL) -> None:
+        self.database = database
+        self.rules = rules
+        self.ttl = ttl
+        self._states: dict[str, tuple[float, PrivacyState]] = {}
+        self._generation: dict[str, int] = {}
+
+    async def get(self, uid: str) -> PrivacyState:
+        cached = self._states.get(uid)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        generation = self._generation.get(uid, 0)
+        async with self.database.session() as session:
+            state = await self.rules.load_one(session, uid)
+        if self._generation.get(uid, 0) == generation:
+            if len(self._states) >= STATE_CACHE_SIZE:
+                self._states.pop(next(iter(self._states)))  # the oldest entry
+            self._states[uid] = (now, state)
+        return state
+
+    def forget(self, uid: str) -> None:
+        self._states.pop(uid, None)
+        self._generation[uid] = self._generation.get(uid, 0) + 1
+        if len(self._generation) > STATE_CACHE_SIZE:
+            self._generation.clear()  # loads in flight may then store once more; the TTL bounds it
 
 
 # A deleted user's sockets close with this code: a policy reason, not an error; phoenix.js reconnects and
@@ -166,6 +215,7 @@ __all__ = [
     "CLOSE_USER_DELETED",
     "PRIVACY_TOPIC",
     "PrivacyChange",
+    "PrivacyDirectory",
     "PrivacyNotices",
     "PrivacyRules",
     "PrivacyState",
