@@ -260,3 +260,52 @@ async def test_a_privacy_change_reaches_a_viewer_on_another_process_within_a_sec
     assert took < 1.0, f"took {took:.2f}s"
     await asyncio.sleep(0.3)
     assert "ivy" not in Roster(watcher, TOPIC).current()
+
+
+# --- A node's cache of states ---------------------------------------------------------------------------
+
+
+async def test_the_directory_serves_from_cache_until_a_notice_drops_the_user(database_url):
+    from channels.privacy import PrivacyDirectory
+
+    database = Database(database_url)
+    try:
+        async with database.session() as session, session.begin():
+            session.add(User(id="cached", display_name="Cass", subjects=[]))
+        directory = PrivacyDirectory(database, RULES)
+        assert (await directory.get("cached")).minor is False
+        async with database.session() as session, session.begin():
+            (await session.get(User, "cached")).minor = True
+        assert (await directory.get("cached")).minor is False  # cached: no notice yet
+        directory.forget("cached")
+        assert (await directory.get("cached")).minor is True
+    finally:
+        await database.dispose()
+
+
+async def test_a_load_that_raced_an_invalidation_is_not_cached(database_url):
+    from channels.privacy import PrivacyDirectory
+
+    class SlowRules(PrivacyRules):
+        gate = asyncio.Event()
+
+        async def load_one(self, session, uid):
+            state = await super().load_one(session, uid)
+            await self.gate.wait()
+            return state
+
+    database = Database(database_url)
+    try:
+        async with database.session() as session, session.begin():
+            session.add(User(id="racer", subjects=[]))
+        directory = PrivacyDirectory(database, SlowRules("test-key"))
+        load = asyncio.create_task(directory.get("racer"))
+        await asyncio.sleep(0.05)
+        async with database.session() as session, session.begin():
+            (await session.get(User, "racer")).opted_out = True
+        directory.forget("racer")  # the notice arrives while the first load is in flight
+        SlowRules.gate.set()
+        assert (await load).opted_out is False  # that caller got what it read…
+        assert (await directory.get("racer")).opted_out is True  # …but it was not kept
+    finally:
+        await database.dispose()
