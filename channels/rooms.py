@@ -1,8 +1,9 @@
 """Loop rooms: `challenge:{id}` (buddy challenges and accepted study-buddy nudges) and `rally:{id}`.
 
 Only the item's participants (and admins) may join. The join reply is the item's current state
-(rallies: the standings); the loops push progress and results here (loops/). Joining also tracks
-the user in the room's presence, with the same privacy rules as subject presence.
+(rallies: the standings, as the privacy rule shows each member to the joiner in this room); the
+loops push progress and results here (loops/). Joining also tracks the user in the room's presence,
+with the same rule as subject presence, so a minor's handle is the same in both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from realtime import JoinError
 from store import LoopItem, LoopMember
+from store.privacy import Viewer
 
 from .access import is_admin
 from .presence import _Tracked
@@ -41,7 +43,8 @@ class LoopRoomChannel(_Tracked):
             "expires_at": item.expires_at.isoformat() if item.expires_at else None,
         }
         if item.loop == "results_rally":
-            reply["standings"] = await self.services.loops.rally_standings(item.id)
+            viewer = Viewer.from_claims(self.claims)
+            reply["standings"] = await self.services.loops.rally_standings(item.id, viewer)
         await self.load_privacy()
         return reply
 

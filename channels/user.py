@@ -53,4 +53,4 @@ class UserChannel(ProductChannel):
         try:
             return await self.services.loops.act(self.claims, action, payload)
         except ActionError as exc:
-            raise ReplyError(str(exc), code=exc.code) from None
+            raise ReplyError(str(exc), **exc.as_dict()) from None

@@ -7,7 +7,9 @@ as soon as the challenge exists; the friend after accepting. When both scores ar
 score wins; **equal scores are a draw** (no winner). Rewards through the ledger, once each: a streak
 shield to both players (`challenge_completed`), 50 XP to the winner (`challenge_won`), 25 XP each on
 a draw (`challenge_tied`). Progress and the result are pushed on `challenge:{id}` and to both
-players' `user:{id}`.
+players' `user:{id}`; the players appear as the privacy rule shows them (a minor by a handle of
+this challenge's own). An outside challenge is taken with its whole signed link, by someone who
+passes the compliance gate (a minor needs a parent's consent).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from metrics import EventIn
 from metrics.attribution import create_link
 from store import LoopItem, LoopJob, LoopMember
+from store.privacy import OUTSIDER, Viewer
 
 from .engine import ActionError, Effects, Loop, LoopServices, hours
 
@@ -77,7 +80,9 @@ class BuddyChallenge(Loop):
             raise ActionError("invalid", "friend_id must be a user id")
         if friend == me:
             raise ActionError("self_challenge", "you cannot challenge yourself")
-        verdict = await self.decide(session, "challenge_invite", sender=me, recipient=friend, outside=outside)
+        verdict = await self.decide(
+            session, "challenge_invite", sender=me, recipient=friend, outside=outside, actor=actor
+        )
         if not verdict.allowed:
             return {"refused": verdict.reason}
         # An experiment on this loop may set `challenge_ttl_hours` and `challenge_questions`.
@@ -128,7 +133,7 @@ class BuddyChallenge(Loop):
                 "challenge_invite",
                 {
                     "challenge_id": item.id,
-                    "from": await self.display_name(session, me),
+                    "from": self.named(await self.state(session, me, actor)),
                     "subject": subject,
                     "questions": questions,
                     "expires_at": item.expires_at.isoformat() if item.expires_at else None,
@@ -146,24 +151,31 @@ class BuddyChallenge(Loop):
     ) -> dict[str, Any]:
         me, now = str(actor["sub"]), self.now()
         item = await self.item(session, params.get("challenge_id"), self.name)
-        if item.other_id is None:  # an outside challenge: whoever holds its link may take it, once
-            token = params.get("token")
-            nonce = item.data.get("link_nonce")
-            if not isinstance(token, str) or not nonce or token.split(".")[0] != nonce:
-                raise ActionError("forbidden", "this challenge needs its invite link")
+        outside = item.other_id is None  # whoever holds its link may take it, once
+        if outside:
+            await self.by_link(session, item, params.get("token"), "challenge")
             if me == item.owner_id:
                 raise ActionError("self_challenge", "you cannot challenge yourself")
-            item.other_id = me
-            await self.member(session, item.id, me, "invited", now)
-        if item.other_id != me:
+        elif item.other_id != me:
             raise ActionError("forbidden", "this challenge is not yours to accept")
         if item.state != "pending" or (item.expires_at is not None and now >= item.expires_at):
             raise ActionError("not_pending", f"this challenge is {item.state}")
+        if outside:
+            refused = await self.gate(
+                session, actor, "challenge_link_accept", "accept a challenge from outside"
+            )
+            if refused is not None:
+                return refused
+            item.other_id = me
+            await self.member(session, item.id, me, "invited", now)
         self.move(item, "accepted", now)
         await self.decide(session, "challenge_accepted", sender=me, recipient=item.owner_id, update=True)
-        payload = {"challenge_id": item.id, "state": "accepted", "by": await self.display_name(session, me)}
-        fx.push(f"challenge:{item.id}", "challenge_update", payload)
-        fx.to_user(item.owner_id, "challenge_update", payload)
+        mine = await self.state(session, me, actor)
+        payload = {"challenge_id": item.id, "state": "accepted"}
+        fx.push(f"challenge:{item.id}", "challenge_update", {**payload, "by": self.named(mine)})
+        fx.to_user(
+            item.owner_id, "challenge_update", {**payload, "by": self.named(mine, Viewer(item.owner_id))}
+        )
         return {"challenge_id": item.id, "state": item.state, "topic": f"challenge:{item.id}"}
 
     async def decline(
@@ -197,7 +209,9 @@ class BuddyChallenge(Loop):
         if row is None or row.score is not None:
             raise ActionError("already_submitted", "your score is already in")
         row.score, row.updated_at = float(score), now
-        fx.push(f"challenge:{item.id}", "challenge_update", {"challenge_id": item.id, "submitted": me})
+        room = f"challenge:{item.id}"
+        submitted = self.shown(await self.state(session, me, actor), OUTSIDER, room)
+        fx.push(room, "challenge_update", {"challenge_id": item.id, "submitted": submitted})
         scores = await self._scores(session, item)
         if item.state == "accepted" and len(scores) == 2 and all(v is not None for v in scores.values()):
             await self._complete(session, item, scores, fx)
@@ -223,22 +237,21 @@ class BuddyChallenge(Loop):
                 await self.reward(session, fx, player, "challenge_tied", item.id, now)
         if winner is not None:
             await self.reward(session, fx, winner, "challenge_won", item.id, now)
-        result = {
-            "challenge_id": item.id,
-            "state": "completed",
-            "scores": [
-                {"name": await self.display_name(session, a), "score": sa},
-                {"name": await self.display_name(session, b), "score": sb},
-            ],
-            "draw": winner is None,
-        }
-        fx.push(f"challenge:{item.id}", "challenge_result", result)
+        room = f"challenge:{item.id}"
+        states = await self.states(session, (a, b))
+
+        def result(viewer: Viewer) -> dict[str, Any]:
+            scores = []
+            for player, score in ((a, sa), (b, sb)):
+                shown = self.shown(states[player], viewer, room)
+                if shown is not None:
+                    scores.append({**shown, "score": score})
+            return {"challenge_id": item.id, "state": "completed", "scores": scores, "draw": winner is None}
+
+        fx.push(room, "challenge_result", result(OUTSIDER))
         for player in (a, b):
-            personal = {
-                **result,
-                "outcome": "draw" if winner is None else "won" if winner == player else "lost",
-            }
-            fx.to_user(player, "challenge_result", personal)
+            outcome = "draw" if winner is None else "won" if winner == player else "lost"
+            fx.to_user(player, "challenge_result", {**result(Viewer(player)), "outcome": outcome})
 
     async def expire(self, session: AsyncSession, job: LoopJob, fx: Effects) -> None:
         item = await session.get(LoopItem, job.payload["id"], with_for_update=True)

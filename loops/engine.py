@@ -5,16 +5,18 @@ actions (from `user:{id}` messages and `POST /api/loops/{action}`).
 A loop never pushes or emits inside a transaction: it records pushes and events in `Effects`, and
 they go out after the commit — so a rolled-back batch sends nothing, and a replayed one (the
 consumer's and the scheduler's at-least-once) finds its state already moved and sends nothing twice.
+Every other user a payload names is shown through the privacy rule (store/privacy.py): in a room's
+scope for what the room sees, as for anyone else (`OUTSIDER`) in what a whole room or a copy provider
+may read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,12 +26,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics import EventIn, experiments
+from metrics.attribution import verified_link
 from metrics.compliance import SocialAction, Verdict
-from metrics.links import LinkSigner
+from metrics.links import LinkError, LinkSigner
 from metrics.rewards import Paid, pay
 from realtime import BrokerUnavailable, Hub
-from store import Database, Experiment, LoopItem, LoopJob, LoopMember, User
-from store.privacy import PrivacyRules
+from store import Database, Experiment, Link, LoopItem, LoopJob, LoopMember
+from store.privacy import ANONYMOUS_NAME, OUTSIDER, PrivacyRules, PrivacyState, Shown, Viewer
 
 from .clock import Clock, SystemClock
 from .copy import CopyRequest, CopyRouter
@@ -91,11 +94,19 @@ class LoopConfig:
 
 
 class ActionError(Exception):
-    """A user action refused, with a stable `code` and a message the client can show."""
+    """A user action refused, with a stable `code` and a message the client can show; a refusal by
+    the compliance gate or the orchestrator (`code` "refused") also says which rule (`refused`)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, refused: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.refused = refused
+
+    def as_dict(self) -> dict[str, str]:
+        found = {"code": self.code}
+        if self.refused is not None:
+            found["refused"] = self.refused
+        return found
 
 
 @dataclass
@@ -167,10 +178,69 @@ class Loop:
         recipient: str | None,
         outside: bool = False,
         update: bool = False,
+        actor: Mapping[str, Any] | None = None,
     ) -> Verdict:
-        return await self.services.orchestrator.decide(
-            session, SocialAction(self.name, action, sender, recipient, outside), self.now(), update=update
-        )
+        """The orchestrator's verdict, recorded. `actor`: the claims of the acting user, when they are
+        the sender (what their token says adds to the store's protection)."""
+        social = SocialAction(self.name, action, sender, recipient, outside)
+        if actor is not None:
+            assert sender == str(actor["sub"])
+            social = social.by(actor)
+        return await self.services.orchestrator.decide(session, social, self.now(), update=update)
+
+    async def gate(
+        self, session: AsyncSession, actor: Mapping[str, Any], action: str, doing: str
+    ) -> dict[str, Any] | None:
+        """The compliance gate for the acting user taking something that came from outside the
+        platform (a link): None when they may, else the refusal for the engine to answer with."""
+        me = str(actor["sub"])
+        verdict = await self.decide(session, action, sender=me, recipient=None, outside=True, actor=actor)
+        if verdict.allowed:
+            return None
+        return {"refused": verdict.reason, "message": f"you cannot {doing}: {verdict.message}"}
+
+    async def by_link(self, session: AsyncSession, item: LoopItem, token: Any, needs: str) -> Link:
+        """The item's own invite link, from the whole token: signed by us for the item's owner,
+        unexpired, and the very link the item was shared with."""
+        if not isinstance(token, str) or not token:
+            raise ActionError("forbidden", f"this {needs} needs its invite link")
+        try:
+            link = await verified_link(session, self.services.signer, token, self.now())
+        except LinkError as exc:
+            raise ActionError("invalid_link", str(exc)) from None
+        if link.nonce != item.data.get("link_nonce") or link.referrer_id != item.owner_id:
+            raise ActionError("invalid_link", f"this invite link is not for this {needs}")
+        return link
+
+    # Showing other users (the privacy rule, store/privacy.py).
+
+    async def states(
+        self, session: AsyncSession, uids: Iterable[str], actor: Mapping[str, Any] | None = None
+    ) -> dict[str, PrivacyState]:
+        """The users' privacy states from the store; the acting user's with what their token adds."""
+        found = await self.services.privacy.load(session, uids)
+        if actor is not None and str(actor["sub"]) in found:
+            me = str(actor["sub"])
+            found[me] = found[me].with_claims(actor)
+        return found
+
+    async def state(
+        self, session: AsyncSession, uid: str, actor: Mapping[str, Any] | None = None
+    ) -> PrivacyState:
+        return (await self.states(session, [uid], actor))[uid]
+
+    def show(self, state: PrivacyState, viewer: Viewer, scope: str) -> Shown | None:
+        return self.services.privacy.show(state, viewer, scope)
+
+    def shown(self, state: PrivacyState, viewer: Viewer, scope: str) -> dict[str, str] | None:
+        """The user as `viewer` sees them in `scope`: {user_id, name} or {handle, name}; None: not at all."""
+        return self.services.privacy.show_as(state, viewer, scope)
+
+    def named(self, state: PrivacyState, viewer: Viewer = OUTSIDER) -> str:
+        """How the user is named to `viewer`. As named to anyone (`OUTSIDER`, the default) it is also
+        what copy may carry to an outside provider: never a minor's name."""
+        shown = self.services.privacy.show(state, viewer, "")
+        return shown.name if shown is not None else ANONYMOUS_NAME
 
     async def variant(self, session: AsyncSession, user_id: str, fx: Effects) -> dict[str, Any]:
         """This loop's settings for `user_id` from its experiment (metrics.experiments), if any: the
@@ -186,10 +256,12 @@ class Loop:
             return {}
         found = await experiments.assignment(session, chosen, user_id)
         if found.new_exposure:
-            digest = hashlib.sha256(f"{chosen.key}\x00{user_id}".encode()).hexdigest()[:40]
+            # One id per experiment and user (until the exposure is recorded every call announces it
+            # again), keyed with the app's secret so nobody can compute it in advance.
+            keyed = self.services.privacy.handle(f"experiment_exposure:{chosen.key}", user_id)
             fx.emit(
                 EventIn(
-                    f"exposure-{digest}",
+                    f"exposure-{keyed.removeprefix('anon-')}",
                     "experiment_exposure",
                     user_id,
                     self.now(),
@@ -219,18 +291,20 @@ class Loop:
         fx: Effects,
         item: LoopItem,
         *,
-        sender: str,
+        actor: Mapping[str, Any],
         recipients: list[str],
         action: str,
         event: str,
         payload: dict[str, Any],
     ) -> dict[str, Any]:
-        """Invite each recipient to `item` through the orchestrator: the allowed ones become invited
-        members and get `event` with `payload`; returns who was invited and why the others were not."""
+        """Invite each recipient to `item` through the orchestrator, as the acting user: the allowed
+        ones become invited members and get `event` with `payload`; returns who was invited and why
+        the others were not."""
         invited: list[str] = []
         held: dict[str, str] = {}
+        sender = str(actor["sub"])
         for recipient in dict.fromkeys(recipients):
-            verdict = await self.decide(session, action, sender=sender, recipient=recipient)
+            verdict = await self.decide(session, action, sender=sender, recipient=recipient, actor=actor)
             if not verdict.allowed:
                 held[recipient] = verdict.reason
                 continue
@@ -238,14 +312,6 @@ class Loop:
             invited.append(recipient)
             fx.to_user(recipient, event, payload)
         return {"invited": invited, "not_sent": held}
-
-    @staticmethod
-    async def display_name(session: AsyncSession, user_id: str) -> str:
-        """How a user is named in someone else's notifications: never a minor's name (SPEC §7)."""
-        user = await session.get(User, user_id)
-        if user is None or user.minor or user.opted_out or not user.display_name:
-            return "A student"
-        return user.display_name
 
     @staticmethod
     def new_id(prefix: str) -> str:
@@ -340,13 +406,15 @@ class LoopEngine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 
-    async def rally_standings(self, item_id: str) -> list[dict[str, Any]]:
-        """A rally's current standings (the `rally:{id}` join reply)."""
+    async def rally_standings(self, item_id: str, viewer: Viewer) -> list[dict[str, Any]]:
+        """A rally's current standings as `viewer` sees them (the `rally:{id}` join reply)."""
         rally = next(loop for loop in self.loops if loop.name == "results_rally")
         async with self.services.database.session() as session:
             item = await session.get(LoopItem, item_id)
-            rows = [] if item is None else await rally.standings(session, item)  # type: ignore[attr-defined]
-        return [{k: v for k, v in row.items() if k != "user_id"} for row in rows]
+            if item is None:
+                return []
+            standings: list[dict[str, Any]] = await rally.standings(session, item, viewer)  # type: ignore[attr-defined]
+            return standings
 
     @property
     def action_names(self) -> list[str]:
@@ -391,7 +459,8 @@ class LoopEngine:
             reply = await handler(session, actor, params, fx)
         await self.flush(fx)
         if "refused" in reply:  # the refusal is recorded (committed above); the caller gets an error
-            raise ActionError("refused", f"not sent: {reply['refused']}")
+            reason = str(reply["refused"])
+            raise ActionError("refused", str(reply.get("message") or f"not sent: {reason}"), reason)
         return reply
 
     async def flush(self, fx: Effects) -> None:

@@ -12,7 +12,8 @@ on the strongest (`challenge_friend`), `protect_streak` when the streak deadline
 `start_rally` after a practice; tutor-facing: `review_topic` (weakest), `assign_practice` (a weak
 topic, or the subject), `schedule_at_best_hour`, `plan_next_session`, and `celebrate_progress` when
 improving. The student gets `insight` on `user:{id}`; the session's tutor (`props.tutor_id`) gets
-`tutor_insight` on theirs.
+`tutor_insight` on theirs, naming the student as the privacy rule shows them to that tutor (a minor
+by a handle of the tutor's own; nothing for a student who opted out).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store import Event, Streak
+from store.privacy import Viewer
 
 from .engine import Effects, Loop, LoopServices
 
@@ -141,8 +143,10 @@ class SessionIntelligence(Loop):
         fx.to_user(user, "insight", {"subject": subject, **found, "next_actions": student})
         tutor_id = props.get("tutor_id")
         if isinstance(tutor_id, str) and tutor_id and tutor_id != user:
-            fx.to_user(
-                tutor_id,
-                "tutor_insight",
-                {"student_id": user, "subject": subject, **found, "next_actions": tutor},
-            )
+            student_shown = self.shown(await self.state(session, user), Viewer(tutor_id), f"user:{tutor_id}")
+            if student_shown is not None:
+                fx.to_user(
+                    tutor_id,
+                    "tutor_insight",
+                    {"student": student_shown, "subject": subject, **found, "next_actions": tutor},
+                )

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics.attribution import create_link
 from store import Event, LoopItem, LoopJob, Streak, User
+from store.privacy import ANONYMOUS_NAME, Viewer
 
 from .engine import Effects, Loop, LoopServices
 
@@ -133,14 +134,15 @@ class ProudParent(Loop):
         )
         session.add(item)
         progress = await self.progress(session, child)
-        child_user = await session.get(User, child)
-        name = child_user.display_name if child_user is not None and child_user.display_name else "your child"
+        state = await self.state(session, child)
+        name = self.named(state, Viewer(parent))  # the parent named in the profile sees the name
+        public = self.named(state)  # as anyone sees the child: a minor is never named
         fx.to_user(
             parent,
             "parent_card",
             {
                 "card_id": item.id,
-                "child": name,  # the parent's own view: their child's name is theirs to see
+                "child": "your child" if name == ANONYMOUS_NAME else name,
                 "why": why,
                 "progress": progress,
                 "share": {
@@ -148,10 +150,10 @@ class ProudParent(Loop):
                     "url": f"/r/{link.token}",
                     "expires_at": link.expires_at.isoformat(),
                 },
-                # Copy may be written by an outside provider: a minor's name never goes there.
+                # Copy may be written by an outside provider: only a name anyone may see goes there.
                 "text": await self.text(
                     "parent_card",
-                    name="Your child" if child_user is None or child_user.minor else name,
+                    name="Your child" if public == ANONYMOUS_NAME else public,
                     sessions=progress["sessions"],
                 ),
             },

@@ -4,11 +4,14 @@ and invites peers; it is re-ranked live on `rally:{id}` as their results come in
 `start_rally` needs a `quiz_result` or `diagnostic_completed` of the starter's in that subject; it
 makes an invite link (source `results_rally`, to `/rally/{id}`, announced as `invite_sent`).
 `invite_to_rally` pushes `rally_invite` to peers (through the orchestrator); `join_rally` (an invited
-peer, or anyone holding the rally's link token) needs a completed diagnostic in the subject. A
-member's standing is their best `quiz_result`/`diagnostic_completed` score in the subject since the
-rally began; ranks: score descending, then who got it first. Each new result of a member pushes
-`rally_update` `{rally_id, subject, ends_at, standings: [{rank, name, score}]}`; at the end,
-`rally_ended` with the final standings.
+peer, or anyone holding the rally's whole signed link who passes the compliance gate) needs a
+completed diagnostic in the subject. A starter the gate does not let share outside the platform (a
+minor without a parent's consent) gets no link. A member's standing is their best
+`quiz_result`/`diagnostic_completed` score in the subject since the rally began; ranks: score
+descending, then who got it first. Each new result of a member pushes `rally_update` `{rally_id,
+subject, ends_at, standings: [{rank, user_id | handle, name, score}]}` (members as the privacy rule
+shows them to anyone in `rally:{id}`: a minor by a handle of this rally's own, an opted-out member
+not at all); at the end, `rally_ended` with the final standings.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from metrics import EventIn
 from metrics.attribution import create_link
 from store import Event, LoopItem, LoopJob, LoopMember
+from store.privacy import OUTSIDER, Viewer
 
 from .challenge import _subject
 from .engine import ActionError, Effects, Loop, LoopServices
@@ -55,7 +59,8 @@ class ResultsRally(Loop):
         best = await session.scalar(query)
         return float(best) if best is not None else None
 
-    async def standings(self, session: AsyncSession, item: LoopItem) -> list[dict[str, Any]]:
+    async def standings(self, session: AsyncSession, item: LoopItem, viewer: Viewer) -> list[dict[str, Any]]:
+        """The standings as `viewer` sees them: ranked among the members they may see."""
         rows = (
             await session.scalars(
                 select(LoopMember)
@@ -63,21 +68,19 @@ class ResultsRally(Loop):
                 .order_by(LoopMember.score.desc().nulls_last(), LoopMember.updated_at, LoopMember.user_id)
             )
         ).all()
-        return [
-            {
-                "rank": i + 1,
-                "user_id": m.user_id,
-                "name": await self.display_name(session, m.user_id),
-                "score": m.score,
-            }
-            for i, m in enumerate(rows)
-        ]
+        states = await self.states(session, [m.user_id for m in rows])
+        standings: list[dict[str, Any]] = []
+        for m in rows:
+            shown = self.shown(states[m.user_id], viewer, f"rally:{item.id}")
+            if shown is not None:
+                standings.append({"rank": len(standings) + 1, **shown, "score": m.score})
+        return standings
 
     async def _update(
         self, session: AsyncSession, item: LoopItem, fx: Effects, event: str = "rally_update"
     ) -> None:
-        standings = await self.standings(session, item)
-        public = [{k: v for k, v in s.items() if k != "user_id"} for s in standings]
+        # The room's every member reads this push: as anyone may see them.
+        public = await self.standings(session, item, OUTSIDER)
         fx.push(
             f"rally:{item.id}",
             event,
@@ -111,29 +114,37 @@ class ResultsRally(Loop):
         session.add(item)
         owner = await self.member(session, item.id, me, "owner", now)
         owner.score = best
-        link = await create_link(
-            session,
-            self.services.signer,
-            referrer=me,
-            source=self.name,
-            target=f"/rally/{item.id}",
-            now=now,
-            ttl=self.config.rally_days * 86400,
+        reply: dict[str, Any] = {"rally_id": item.id, "topic": f"rally:{item.id}"}
+        # The link goes outside the platform: only for a starter the compliance gate lets share.
+        sharing = await self.decide(
+            session, "rally_link", sender=me, recipient=None, outside=True, actor=actor
         )
-        item.data = {"link_nonce": link.nonce}
-        fx.emit(
-            EventIn(
-                f"{item.id}-invite", "invite_sent", me, now, {"source": self.name, "link_token": link.token}
+        if sharing.allowed:
+            link = await create_link(
+                session,
+                self.services.signer,
+                referrer=me,
+                source=self.name,
+                target=f"/rally/{item.id}",
+                now=now,
+                ttl=self.config.rally_days * 86400,
             )
-        )
+            item.data = {"link_nonce": link.nonce}
+            fx.emit(
+                EventIn(
+                    f"{item.id}-invite",
+                    "invite_sent",
+                    me,
+                    now,
+                    {"source": self.name, "link_token": link.token},
+                )
+            )
+            reply.update(token=link.token, url=f"/r/{link.token}")
+        else:
+            reply["link_refused"] = sharing.reason
         assert item.expires_at is not None
         await self.schedule(session, "rally_end", item.expires_at, {"id": item.id}, f"rally:{item.id}")
-        return {
-            "rally_id": item.id,
-            "topic": f"rally:{item.id}",
-            "token": link.token,
-            "url": f"/r/{link.token}",
-        }
+        return reply
 
     async def invite(
         self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects
@@ -152,13 +163,14 @@ class ResultsRally(Loop):
             raise ActionError("forbidden", "only the rally's members invite to it")
         if item.state != "open":
             raise ActionError("not_open", f"this rally is {item.state}")
-        name = await self.display_name(session, me)
+        # One payload for every peer, and copy that may go to a provider: as anyone may see the sender.
+        name = self.named(await self.state(session, me, actor))
         fresh = [p for p in peers if p != me and await session.get(LoopMember, (item.id, p)) is None]
         sent = await self.invite_each(
             session,
             fx,
             item,
-            sender=me,
+            actor=actor,
             recipients=fresh,
             action="rally_invite",
             event="rally_invite",
@@ -180,19 +192,24 @@ class ResultsRally(Loop):
         if item.state != "open" or (item.expires_at is not None and now >= item.expires_at):
             raise ActionError("not_open", f"this rally is {item.state}")
         row = await session.get(LoopMember, (item.id, me))
-        token = params.get("token")
-        by_link = isinstance(token, str) and token.split(".")[0] == item.data.get("link_nonce")
-        if row is None and not by_link:
-            raise ActionError("forbidden", "this rally needs an invitation or its link")
+        viewer = Viewer.from_claims(actor)
+        if row is None:
+            if params.get("token") is None:
+                raise ActionError("forbidden", "this rally needs an invitation or its link")
+            await self.by_link(session, item, params.get("token"), "rally")
         if row is not None and row.role in ("owner", "joined"):
             return {
                 "rally_id": item.id,
                 "topic": f"rally:{item.id}",
-                "standings": await self.standings(session, item),
+                "standings": await self.standings(session, item, viewer),
             }
         assert item.subject is not None
         if await self._best(session, me, item.subject, None, ("diagnostic_completed",)) is None:
             raise ActionError("no_diagnostic", f"complete the {item.subject} diagnostic to join")
+        if row is None:
+            refused = await self.gate(session, actor, "rally_link_join", "join a rally through a link")
+            if refused is not None:
+                return refused
         row = row or await self.member(session, item.id, me, "joined", now)
         row.role, row.joined_at, row.updated_at = "joined", now, now
         row.score = await self._best(session, me, item.subject, item.created_at)
@@ -201,7 +218,7 @@ class ResultsRally(Loop):
         return {
             "rally_id": item.id,
             "topic": f"rally:{item.id}",
-            "standings": await self.standings(session, item),
+            "standings": await self.standings(session, item, viewer),
         }
 
     async def on_result(self, session: AsyncSession, event: dict[str, Any], fx: Effects) -> None:

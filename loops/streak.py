@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store import LoopItem, LoopJob, LoopMember, Streak
+from store.privacy import Viewer
 
 from .engine import ActionError, Effects, Loop, LoopServices, hours
 
@@ -190,12 +191,13 @@ class StreakRescue(Loop):
         )
         session.add(item)
         await self.member(session, item.id, me, "owner", now)
-        name = await self.display_name(session, me)
+        # One payload for every friend, and copy that may go to a provider: as anyone may see the sender.
+        name = self.named(await self.state(session, me, actor))
         sent = await self.invite_each(
             session,
             fx,
             item,
-            sender=me,
+            actor=actor,
             recipients=friends,
             action="rescue_invite",
             event="rescue_invite",
@@ -223,6 +225,9 @@ class StreakRescue(Loop):
         fx.to_user(
             item.owner_id,
             "rescue_update",
-            {"rescue_id": item.id, "joined": await self.display_name(session, me)},
+            {
+                "rescue_id": item.id,
+                "joined": self.named(await self.state(session, me, actor), Viewer(item.owner_id)),
+            },
         )
         return {"rescue_id": item.id, "state": item.state}

@@ -5,9 +5,11 @@ Who gets a nudge (per subject): an `exam_scheduled` event with the exam within 7
 Buddies: other users with scored sessions or quizzes in that subject in the last 14 days whose
 average beats the student's — on the student's weak topics (under 70 %) when the events name
 topics, else on the subject — best first; never the student, nobody who opted out, and no pair
-nudged within 24 h. The student gets `nudge` (kind `study_buddy`) on `user:{id}`; `invite_buddy`
-sends the chosen buddy a `nudge` (kind `buddy_invite`); `accept_nudge` opens a shared room,
-`challenge:{id}`, with presence, and tells both. A nudge expires 1 h after it was made.
+nudged within 24 h. The student gets `nudge` (kind `study_buddy`) on `user:{id}`, its buddies as
+the privacy rule shows them to the student in the nudge's room (`challenge:{id}`): a minor by a
+handle of that room's own, which `invite_buddy` takes as `buddy_id`. `invite_buddy` sends the chosen
+buddy a `nudge` (kind `buddy_invite`); `accept_nudge` opens the shared room, with presence, and tells
+both. A nudge expires 1 h after it was made.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from store import Event, LoopItem, LoopJob, User
+from store import Event, LoopItem, LoopJob
+from store.privacy import Viewer
 
 from .engine import ActionError, Effects, Loop, LoopServices
 
@@ -128,18 +131,13 @@ class StudyBuddy(Loop):
                 )
             ).all()
         )
-        opted_out = set(
-            (
-                await session.scalars(
-                    select(User.id).where(User.id.in_(list(averages)), User.opted_out.is_(True))
-                )
-            ).all()
-        )
-        buddies = sorted(
-            (avg, uid)
-            for uid, avg in averages.items()
-            if avg > mine and uid not in paired_recently and uid not in opted_out
-        )[::-1][: self.config.nudge_buddies]
+        candidates = [uid for uid, avg in averages.items() if avg > mine and uid not in paired_recently]
+        item_id = self.new_id("nd")
+        states = await self.states(session, candidates)
+        shown = {uid: self.shown(states[uid], Viewer(user), f"challenge:{item_id}") for uid in candidates}
+        # Nobody the student may not see (an opted-out user) is recommended.
+        seen = [(averages[uid], uid) for uid in candidates if shown[uid] is not None]
+        buddies = sorted(seen)[::-1][: self.config.nudge_buddies]
         if not buddies:
             return
         verdict = await self.decide(session, "nudge", sender=None, recipient=user)
@@ -147,7 +145,7 @@ class StudyBuddy(Loop):
             return
         now = self.now()
         item = LoopItem(
-            id=self.new_id("nd"),
+            id=item_id,
             loop=self.name,
             owner_id=user,
             subject=subject,
@@ -169,9 +167,7 @@ class StudyBuddy(Loop):
                 "subject": subject,
                 "reason": reason,
                 "weak_topics": weak,
-                "buddies": [
-                    {"user_id": uid, "name": await self.display_name(session, uid)} for _, uid in buddies
-                ],
+                "buddies": [shown[uid] for _, uid in buddies],
                 "expires_at": item.expires_at.isoformat(),
                 "text": await self.text("nudge", subject=subject),
             },
@@ -187,16 +183,16 @@ class StudyBuddy(Loop):
             raise ActionError("forbidden", "this nudge is not yours")
         if item.state != "suggested" or (item.expires_at is not None and now >= item.expires_at):
             raise ActionError("not_open", f"this nudge is {item.state}")
-        if not isinstance(buddy, str) or buddy not in item.data.get("buddies", []):
-            raise ActionError("invalid", "buddy_id must be one of the recommended buddies")
-        verdict = await self.decide(session, "buddy_invite", sender=me, recipient=buddy)
+        buddy = await self._buddy(session, item, actor, buddy)
+        verdict = await self.decide(session, "buddy_invite", sender=me, recipient=buddy, actor=actor)
         if not verdict.allowed:
             return {"refused": verdict.reason}
         item.other_id = buddy
         self.move(item, "invited", now)
         await self.member(session, item.id, me, "owner", now)
         await self.member(session, item.id, buddy, "invited", now)
-        name = await self.display_name(session, me)
+        # Copy that may go to a provider: as anyone may see the student.
+        name = self.named(await self.state(session, me, actor))
         fx.to_user(
             buddy,
             "nudge",
@@ -210,6 +206,15 @@ class StudyBuddy(Loop):
             },
         )
         return {"nudge_id": item.id, "state": item.state}
+
+    async def _buddy(self, session: AsyncSession, item: LoopItem, actor: dict[str, Any], chosen: Any) -> str:
+        """The recommended buddy the student chose, by the id or handle their nudge showed them."""
+        states = await self.states(session, item.data.get("buddies", []))
+        for uid, state in states.items():
+            seen = self.show(state, Viewer(str(actor["sub"])), f"challenge:{item.id}")
+            if seen is not None and isinstance(chosen, str) and seen.key == chosen:
+                return uid
+        raise ActionError("invalid", "buddy_id must be one of the recommended buddies")
 
     async def accept(
         self, session: AsyncSession, actor: dict[str, Any], params: dict[str, Any], fx: Effects

@@ -67,6 +67,17 @@ async def create_link(
     return row
 
 
+async def verified_link(session: AsyncSession, signer: LinkSigner, token: str, at: datetime) -> Link:
+    """The link `token` names, if the whole token verifies at `at`: its form, our record of it, its key,
+    its signature for the recorded referrer, its expiry. LinkError says why not."""
+    parsed = signer.parse(token)
+    link = await session.get(Link, parsed.nonce)
+    if link is None:
+        raise LinkError("unknown", "we could not find this invite link")
+    signer.verify(parsed, link.referrer_id, int(at.timestamp()))
+    return link
+
+
 MODELS = ("last_touch", "first_touch")
 
 
@@ -200,18 +211,10 @@ class AttributionConsumer:
 
     async def _verified_link(self, token: str, session: AsyncSession, at: datetime) -> Link | None:
         try:
-            parsed = self.signer.parse(token)
-        except LinkError:
-            return None
-        link = await session.get(Link, parsed.nonce)
-        if link is None:
-            return None
-        try:
             # Checked at the moment of signup: a link that expired afterwards still counts.
-            self.signer.verify(parsed, link.referrer_id, int(at.timestamp()))
+            return await verified_link(session, self.signer, token, at)
         except LinkError:
             return None
-        return link
 
     @staticmethod
     async def _touch(

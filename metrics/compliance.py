@@ -4,9 +4,9 @@ links, rally and parent messages), and the record of every refusal.
 Rules, in order (the first that applies refuses, with its stable `reason`):
 - `sender_opted_out` / `recipient_opted_out`: users who opted out of social features send and
   receive nothing social;
-- `minor_without_consent`: a user under 13 (`minor`) never sends an invite outside the platform
-  (`outside=True`: share links, invites to contacts) nor is invited from outside without a recorded,
-  unrevoked parental consent (`consents`);
+- `minor_without_consent`: a user under 13 (`minor` in the store, or in the sender's own token)
+  never sends an invite outside the platform (`outside=True`: share links, invites to contacts) nor
+  takes one from outside without a recorded, unrevoked parental consent (`consents`);
 - `sender_rate_limited`: more than `sender_per_day` social actions shown from one sender in 24 h;
 - `recipient_rate_limited`: more than `recipient_per_day` shown to one recipient in 24 h;
 - `quiet_hours`: the recipient's local time (profile `timezone`, UTC when unknown) is within quiet
@@ -17,8 +17,10 @@ decision; `check` records nothing itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select
@@ -34,6 +36,29 @@ class SocialAction:
     sender_id: str | None  # None: the system prompts the recipient itself
     recipient_id: str | None  # None: a link shared outside the platform
     outside: bool = False  # reaches (or comes from) someone outside the platform
+    # What the sender's own verified token says (a token only adds protection to what the store holds).
+    sender_minor: bool = False
+    sender_opted_out: bool = False
+
+    def by(self, claims: Mapping[str, Any]) -> SocialAction:
+        """This action as sent by the holder of `claims` (the sender)."""
+        return replace(
+            self,
+            sender_id=str(claims["sub"]),
+            sender_minor=claims.get("minor") is True,
+            sender_opted_out=claims.get("opted_out") is True,
+        )
+
+
+# What a refusal tells the person who tried.
+MESSAGES = {
+    "sender_opted_out": "you opted out of social features",
+    "recipient_opted_out": "they do not take part in social features",
+    "minor_without_consent": "a parent or guardian has to give consent first",
+    "sender_rate_limited": "you have sent enough invites for today",
+    "recipient_rate_limited": "they have had enough invites for today",
+    "quiet_hours": "it is quiet hours for them; try again later",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +69,10 @@ class Verdict:
     @classmethod
     def ok(cls) -> Verdict:
         return cls(True, "ok")
+
+    @property
+    def message(self) -> str:
+        return f"{MESSAGES.get(self.reason, 'not allowed now')} ({self.reason})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +115,16 @@ async def check(
     }
     sender = users.get(action.sender_id) if action.sender_id else None
     recipient = users.get(action.recipient_id) if action.recipient_id else None
-    if sender is not None and sender.opted_out:
+    if action.sender_opted_out or (sender is not None and sender.opted_out):
         return Verdict(False, "sender_opted_out")
     if recipient is not None and recipient.opted_out:
         return Verdict(False, "recipient_opted_out")
     if action.outside:
-        for person in (sender, recipient):
-            if person is not None and person.minor and not await has_consent(session, person.id):
+        minors = [p.id for p in (sender, recipient) if p is not None and p.minor]
+        if action.sender_minor and action.sender_id is not None and action.sender_id not in minors:
+            minors.append(action.sender_id)
+        for person in minors:
+            if not await has_consent(session, person):
                 return Verdict(False, "minor_without_consent")
     day_ago = now - timedelta(hours=24)
     if action.sender_id is not None:
@@ -122,4 +154,4 @@ async def check(
     return Verdict.ok()
 
 
-__all__ = ["ComplianceRules", "SocialAction", "Verdict", "check", "has_consent", "in_quiet_hours"]
+__all__ = ["MESSAGES", "ComplianceRules", "SocialAction", "Verdict", "check", "has_consent", "in_quiet_hours"]

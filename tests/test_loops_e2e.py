@@ -189,6 +189,7 @@ async def test_study_buddy_nudge_invite_accept_and_no_renudge_of_the_pair(server
     async with loop_world(server_database) as world:
         await world.profile("ana", display_name="Ana")
         await world.profile("ben", display_name="Ben")
+        await world.profile("cat", display_name="Cat")
         ana, ben = await world.socket("ana"), await world.socket("ben")
         # Stronger peers on the topic ana is weak in; one opted out; one weaker.
         await world.event("quiz_result", "ben", subject="algebra", topic="fractions", score=95)
@@ -305,6 +306,7 @@ async def test_proud_parent_cards_weekly_and_on_milestones_and_referral_rewards(
 
 async def test_session_intelligence_pushes_insights_to_student_and_tutor(server_database):
     async with loop_world(server_database) as world:
+        await world.profile("sam", display_name="Sam")
         student, tutor = await world.socket("sam"), await world.socket("tess", "tutor")
         scores = [(50, "fractions"), (55, "fractions"), (90, "geometry"), (95, "geometry"), (70, "fractions")]
         for day, (score, topic) in enumerate(scores):
@@ -327,7 +329,7 @@ async def test_session_intelligence_pushes_insights_to_student_and_tutor(server_
         student_actions = {a["action"] for a in insight["next_actions"]}
         assert {"find_study_buddy", "challenge_friend"} <= student_actions
         for_tutor = (await tutor.wait_for(is_event("user:tess", "tutor_insight")))[4]
-        assert for_tutor["student_id"] == "sam"
+        assert for_tutor["student"] == {"user_id": "sam", "name": "Sam"}
         assert {"review_topic", "assign_practice", "schedule_at_best_hour"} <= {
             a["action"] for a in for_tutor["next_actions"]
         }

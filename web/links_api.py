@@ -1,7 +1,10 @@
 """Invite links over HTTP: `POST /api/links` makes one, `GET /r/{token}` follows one.
 
-A click records the client's `ip_hash` and `net_hash` (metrics.fraud.ip_hashes: keyed with the app
-secret, /24 or /48 network) for the fraud signals; the address itself is never stored."""
+A share link is an outbound social action: its maker passes the compliance gate first (a minor
+without a parent's consent, or a user who opted out, is refused with 403 and the gate's reason).
+The landing page never names the referrer: it redirects into the app. A click records the client's
+`ip_hash` and `net_hash` (metrics.fraud.ip_hashes: keyed with the app secret, /24 or /48 network)
+for the fraud signals; the address itself is never stored."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from metrics import attribution
+from metrics.compliance import SocialAction, check
 from metrics.fraud import ip_hashes
 from metrics.links import DEFAULT_TTL, MAX_TTL, SOURCES, LinkError, LinkSigner, check_target
 from store import Click, Link, LinkRejection
@@ -53,14 +57,22 @@ async def create_link(request: Request) -> Response:
     if errors:
         return ORJSONResponse({"error": "invalid link request", "fields": errors}, status_code=422)
     signer: LinkSigner = request.app.state.link_signer
+    now = request.app.state.clock.now()
     async with request.app.state.database.session() as session, session.begin():
+        action = SocialAction(str(source), "share_link", None, None, outside=True).by(claims)
+        verdict = await check(session, action, now)
+        if not verdict.allowed:
+            return ORJSONResponse(
+                {"error": f"no share link: {verdict.message}", "code": "refused", "refused": verdict.reason},
+                status_code=403,
+            )
         link = await attribution.create_link(
             session,
             signer,
             referrer=str(claims["sub"]),
             source=source,
             target=target,
-            now=request.app.state.clock.now(),
+            now=now,
             ttl=ttl,
             campaign=campaign,
         )
@@ -106,12 +118,8 @@ async def follow_link(request: Request) -> Response:
     database = request.app.state.database
     now = request.app.state.clock.now()
     try:
-        parsed = signer.parse(token)
         async with database.session() as session:
-            link = await session.get(Link, parsed.nonce)
-        if link is None:
-            raise LinkError("unknown", "we could not find this invite link")
-        signer.verify(parsed, link.referrer_id, int(now.timestamp()))
+            link = await attribution.verified_link(session, signer, token, now)
         try:
             # Checked when the link was made; again here, so no stored row can send anyone off-site.
             target = check_target(link.target)

@@ -17,7 +17,7 @@ from metrics import IngestUnavailable
 from .auth import claims_from_request
 from .responses import ORJSONResponse, read_json
 
-STATUS = {"unknown_action": 404, "not_found": 404, "forbidden": 403, "refused": 403}
+STATUS = {"unknown_action": 404, "not_found": 404, "forbidden": 403, "invalid_link": 403, "refused": 403}
 
 
 async def act(request: Request) -> Response:
@@ -27,7 +27,7 @@ async def act(request: Request) -> Response:
     try:
         reply = await engine.act(claims, request.path_params["action"], body)
     except ActionError as exc:
-        return ORJSONResponse({"error": str(exc), "code": exc.code}, status_code=STATUS.get(exc.code, 422))
+        return ORJSONResponse({"error": str(exc), **exc.as_dict()}, status_code=STATUS.get(exc.code, 422))
     except IngestUnavailable:
         return ORJSONResponse(
             {"error": "storage unavailable; retry"}, status_code=503, headers={"retry-after": "2"}
