@@ -1,14 +1,17 @@
 """Activity feeds: events become feed items, stored per feed with monotonic offsets, pushed live.
 
-Public feeds (`feed:global`, `feed:subject:{s}`) are rendered for everyone when the item is made:
-minors appear as "A student", users who opted out do not appear at all, and no user id is
-stored in a public row. A user's own feed (`feed:user:{id}`) carries their name.
+Public feeds (`feed:global`, `feed:subject:{s}`) hold text rendered by the privacy rule as it shows the
+user to everyone (a minor or unknown user is "A student", one who opted out is not in them), and never
+an id; a user's own feed (`feed:user:{id}`) carries their name. When a user's privacy changes,
+`feeds_follow_changes` re-renders their public items: gone ones are deleted and pushed as
+`activity_removed` `{"offsets": [...], "epoch"}`, reworded ones as `activity_updated` `{"items": [...],
+"epoch"}` (the items as in history), so history and live viewers both follow the rule at once.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,14 +19,16 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime import Hub
-from store import Database, Feed, FeedItem, User, dialect_insert, utcnow
-from store.privacy import PrivacyRules
+from store import Database, Event, Feed, FeedItem, Reaction, dialect_insert, utcnow
+from store.privacy import OUTSIDER, PrivacyRules, PrivacyState, Viewer
 
 from .access import is_self_or_admin
 from .presence import SUBJECT
-from .privacy import ANONYMOUS_NAME
+from .privacy import PrivacyChange
 
 ITEM_EVENT = "new_activity"
+REMOVED_EVENT = "activity_removed"
+UPDATED_EVENT = "activity_updated"
 HISTORY_PAGE = 20
 RETAINED_PER_FEED = 1000
 # A streak is worth telling others about on these days (and every 50 after 100).
@@ -44,7 +49,7 @@ def _subject_label(subject: str) -> str:
 
 
 def describe(event: dict[str, Any], *, name: str, public_name: str | None) -> Activity | None:
-    """The activity an event makes, worded for the public (`public_name`; None = opted out) and the user."""
+    """The activity an event makes, worded for the public (`public_name`; None = not public) and the user."""
     props = event["props"]
     kind = event["type"]
     subject = props.get("subject")
@@ -67,6 +72,19 @@ def describe(event: dict[str, Any], *, name: str, public_name: str | None) -> Ac
         if days in STREAK_MILESTONES or (days > 100 and days % 50 == 0):
             return both(f"{{who}} hit a {days}-day streak", days=days)
     return None
+
+
+def public_name(privacy: PrivacyRules, state: PrivacyState) -> str | None:
+    """The name public feeds give this user, or None: their activity is not public. Only a name: the
+    text is the same in every public feed, so no handle (and never an id) goes into it."""
+    shown = privacy.show(state, OUTSIDER, feed_topic("global"))
+    return shown.name if shown is not None else None
+
+
+def own_name(privacy: PrivacyRules, state: PrivacyState) -> str:
+    shown = privacy.show(state, Viewer(state.uid), feed_topic(f"user:{state.uid}"))
+    assert shown is not None  # a user always sees themself
+    return shown.name
 
 
 def feed_refusal(feed: str, claims: dict[str, Any]) -> str | None:
@@ -161,18 +179,13 @@ class FeedConsumer:
         return removed
 
     async def handle(self, events: list[dict[str, Any]], session: AsyncSession) -> Any:
-        user_ids = {e["user_id"] for e in events}
-        users = {
-            u.id: u for u in (await session.execute(select(User).where(User.id.in_(user_ids)))).scalars()
-        }
+        states = await self.privacy.load(session, {e["user_id"] for e in events})
         planned: list[tuple[str, str, str, Activity]] = []  # (feed, text, event id, activity)
         for event in events:
-            user = users.get(event["user_id"])
-            name = user.display_name if user is not None and user.display_name else ANONYMOUS_NAME
-            public_name: str | None = ANONYMOUS_NAME if user is None or user.minor else name
-            if user is not None and user.opted_out:
-                public_name = None
-            activity = describe(event, name=name, public_name=public_name)
+            state = states[event["user_id"]]
+            activity = describe(
+                event, name=own_name(self.privacy, state), public_name=public_name(self.privacy, state)
+            )
             if activity is None:
                 continue
             planned.append((f"user:{event['user_id']}", activity.own_text, event["id"], activity))
@@ -216,6 +229,66 @@ class FeedConsumer:
         return push
 
 
+def feeds_follow_changes(
+    database: Database, hub: Hub, privacy: PrivacyRules
+) -> Callable[[PrivacyChange], Awaitable[None]]:
+    """The shared handler for a user's privacy change: their items in public feeds are rendered again
+    from their stored events as the rule now shows them; what changed is pushed to live viewers. A
+    deleted user's items went with their events, so there is nothing left to do. Safe to run twice."""
+
+    async def apply(change: PrivacyChange) -> None:
+        removed: dict[str, list[int]] = {}
+        updated: dict[str, list[dict[str, Any]]] = {}
+        async with database.session() as session, session.begin():
+            state = await privacy.load_one(session, change.user_id)
+            for item, text in await _rerendered(session, privacy, state):
+                if text is None:
+                    removed.setdefault(item.feed, []).append(item.offset)
+                    await session.delete(item)
+                elif text != item.text:
+                    item.text = text
+                    updated.setdefault(item.feed, []).append(item_payload(item))
+            for feed, offsets in removed.items():
+                await session.execute(
+                    delete(Reaction).where(Reaction.feed == feed, Reaction.offset.in_(offsets))
+                )
+            changed = sorted({*removed, *updated})
+            epochs = dict(
+                (await session.execute(select(Feed.name, Feed.epoch).where(Feed.name.in_(changed)))).all()
+            )
+        for feed in changed:
+            topic, epoch = feed_topic(feed), epochs.get(feed, "")
+            if feed in removed:
+                await hub.broadcast(topic, REMOVED_EVENT, {"offsets": sorted(removed[feed]), "epoch": epoch})
+            if feed in updated:
+                items = sorted(updated[feed], key=lambda i: i["offset"])
+                await hub.broadcast(topic, UPDATED_EVENT, {"items": items, "epoch": epoch})
+
+    return apply
+
+
+async def _rerendered(
+    session: AsyncSession, privacy: PrivacyRules, state: PrivacyState
+) -> list[tuple[FeedItem, str | None]]:
+    """Each public item made from the user's events, with its text as the rule renders it now (None:
+    it must not be public)."""
+    events = (await session.execute(select(Event.type, Event.props).where(Event.user_id == state.uid))).all()
+    subjects = {props.get("subject") for _, props in events if isinstance(props, dict)}
+    # Named feeds, so the (feed, event_id) index finds the rows without reading every user's feed.
+    feeds = ["global", *sorted(f"subject:{s}" for s in subjects if isinstance(s, str))]
+    rows = await session.execute(
+        select(FeedItem, Event.type, Event.props)
+        .join(Event, Event.id == FeedItem.event_id)
+        .where(Event.user_id == state.uid, FeedItem.feed.in_(feeds))
+    )
+    name, public = own_name(privacy, state), public_name(privacy, state)
+    rendered = []
+    for item, kind, props in rows:
+        activity = describe({"type": kind, "props": props}, name=name, public_name=public)
+        rendered.append((item, activity.public_text if activity is not None else None))
+    return rendered
+
+
 async def feed_history(
     session: AsyncSession,
     feed: str,
@@ -224,7 +297,7 @@ async def feed_history(
     epoch: str | None = None,
     limit: int = HISTORY_PAGE,
 ) -> dict[str, Any]:
-    """The feed contract of SPEC §7: latest page, or everything after `since` when it can be recovered."""
+    """The latest page, or everything after `since` when it can be recovered."""
     row = await session.get(Feed, feed)
     current_epoch = row.epoch if row is not None else ""
     latest = row.next_offset - 1 if row is not None else 0

@@ -1,7 +1,9 @@
-"""Feed topics (SPEC §7): `feed:global`, `feed:subject:{subject}` for anyone, `feed:user:{id}` for its user.
+"""Feed topics: `feed:global`, `feed:subject:{subject}` for anyone, `feed:user:{id}` for its user.
 
 The join reply carries history (`{"items", "offset", "epoch"}`); joining with `{"since", "epoch"}`
-resumes after a reconnect. Items arrive live as `new_activity`; `react` adds a cheer.
+resumes after a reconnect. Items arrive live as `new_activity`; after a privacy change of their user,
+public feeds push `activity_removed` (drop these offsets) and `activity_updated` (replace these items);
+`react` adds a cheer.
 """
 
 from __future__ import annotations

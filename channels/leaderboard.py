@@ -7,16 +7,18 @@ Scoring (documented in the README):
 - at most 1,000 points per user per subject per UTC day: a bad client cannot buy first place.
 
 Windows roll over at UTC midnight (daily) and Monday 00:00 UTC (weekly). The `score_entries`
-rows are the truth; the boards (Redis sorted sets, or memory) are a cache rebuilt from them when
-missing. Ties share a rank (competition ranking: 1, 2, 2, 4) and are listed by user id.
-Minors appear as "A student" without their id; opted-out users are left out entirely.
+rows are the truth; the boards (Redis sorted sets, or memory) are a cache of points only, rebuilt
+from them when missing. Ties share a rank (competition ranking: 1, 2, 2, 4) and are listed by user id.
+Names are rendered when a board is read, from the store, by the privacy rule: minors (and users the
+store does not know) are "A student" with a handle, opted-out users are not on boards at all. A
+privacy change re-renders live boards at once (`boards_follow_changes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -27,10 +29,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics.stream import redis_from_url
 from realtime import Hub
-from store import Database, ScoreEntry, User
-from store.privacy import PrivacyRules
+from store import Database, ScoreEntry
+from store.privacy import OUTSIDER, PrivacyRules, PrivacyState, Shown
 
-from .privacy import ANONYMOUS_NAME
+from .privacy import PrivacyChange
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ WINDOWS = ("daily", "weekly", "all_time")
 DAILY_CAP = 1000
 SESSION_CAP = 120
 TOP_N = 10
+# Read past the top 10 by this many, so a member hidden since they were cached does not shorten it.
+SPARE = 5
 CHANGES_TOPIC = "__leaderboards__"
 
 
@@ -79,25 +83,14 @@ def board_key(subject: str, window: str, ts: datetime) -> str:
     return f"lb:{subject}:{window}:{period(window, ts)}"
 
 
-@dataclass(frozen=True, slots=True)
-class Label:
-    """How a member is shown on boards: minors (and users we know nothing of) anonymously."""
-
-    name: str
-    anonymous: bool
-
-    def dump(self) -> bytes:
-        return orjson.dumps([self.name, self.anonymous])
-
-    @classmethod
-    def load(cls, raw: bytes | None) -> Label:
-        if not raw:
-            return ANONYMOUS
-        name, anonymous = orjson.loads(raw)
-        return cls(name, bool(anonymous))
+def board_subject(key: str) -> str:
+    """The subject of a board key `lb:{subject}:{window}:{period}` (subjects hold no ':')."""
+    return key.split(":", 2)[1]
 
 
-ANONYMOUS = Label(ANONYMOUS_NAME, True)
+def board_scope(subject: str, window: str) -> str:
+    """The privacy scope of a board: its topic, so a handle is stable across periods, not boards."""
+    return f"leaderboard:{subject}:{window}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +106,13 @@ class BoardStore(Protocol):
     async def raise_to(self, key: str, scores: dict[str, int], ttl: int | None) -> None: ...
     async def top(self, key: str, n: int) -> list[tuple[str, int]]: ...
     async def standing(self, key: str, member: str) -> Standing | None: ...
-    async def set_label(self, member: str, label: Label) -> None: ...
-    async def labels(self, members: Sequence[str]) -> dict[str, Label]: ...
-    async def forget(self, member: str) -> int: ...
+    async def forget(self, member: str) -> list[str]: ...
     async def close(self) -> None: ...
 
 
 class MemoryBoards:
     def __init__(self) -> None:
         self._boards: dict[str, dict[str, int]] = {}
-        self._labels: dict[str, Label] = {}
 
     async def exists(self, key: str) -> bool:
         return key in self._boards
@@ -150,17 +140,9 @@ class MemoryBoards:
         score = board[member]
         return Standing(1 + sum(1 for s in board.values() if s > score), score)
 
-    async def set_label(self, member: str, label: Label) -> None:
-        self._labels[member] = label
-
-    async def labels(self, members: Sequence[str]) -> dict[str, Label]:
-        return {m: self._labels.get(m, ANONYMOUS) for m in members}
-
-    async def forget(self, member: str) -> int:
-        """Take `member` off every board, of every period, and drop their label; returns the boards."""
-        boards = sum(1 for board in self._boards.values() if board.pop(member, None) is not None)
-        self._labels.pop(member, None)
-        return boards
+    async def forget(self, member: str) -> list[str]:
+        """Take `member` off every board, of every period; returns the keys of the boards they were on."""
+        return sorted(key for key, board in self._boards.items() if board.pop(member, None) is not None)
 
     async def close(self) -> None:
         return None
@@ -168,8 +150,6 @@ class MemoryBoards:
 
 class RedisBoards:
     """Sorted sets holding negated points, so ascending order is best-first and ties go by user id."""
-
-    LABELS = "lb:labels"
 
     def __init__(self, url: str) -> None:
         self._redis = redis_from_url(url)
@@ -215,22 +195,13 @@ class RedisBoards:
         better = await self._redis.zcount(key, "-inf", f"({score}")
         return Standing(int(better) + 1, int(-score))
 
-    async def set_label(self, member: str, label: Label) -> None:
-        await self._redis.hset(self.LABELS, member, label.dump())
-
-    async def labels(self, members: Sequence[str]) -> dict[str, Label]:
-        if not members:
-            return {}
-        values = await self._redis.hmget(self.LABELS, list(members))
-        return {m: Label.load(v) for m, v in zip(members, values, strict=True)}
-
-    async def forget(self, member: str) -> int:
-        """Take `member` off every board, of every period, and drop their label; returns the boards."""
-        boards = 0
+    async def forget(self, member: str) -> list[str]:
+        """Take `member` off every board, of every period; returns the keys of the boards they were on."""
+        keys = []
         async for key in self._redis.scan_iter(match="lb:*", _type="zset", count=500):
-            boards += int(await self._redis.zrem(key, member))
-        await self._redis.hdel(self.LABELS, member)
-        return boards
+            if await self._redis.zrem(key, member):
+                keys.append(key.decode())
+        return sorted(keys)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -252,6 +223,11 @@ class Leaderboards:
         self.privacy = privacy
         self._rebuilding: dict[str, asyncio.Lock] = {}
 
+    def on_boards(self, state: PrivacyState) -> bool:
+        """Whether the rule shows this user to everyone (by name or as "A student"): only then are
+        their points on the cached boards. The scope changes a handle, never whether."""
+        return self.privacy.show(state, OUTSIDER, "leaderboard") is not None
+
     async def ensure(self, subject: str, window: str, now: datetime) -> tuple[str, bool]:
         """The board's key, and whether it had to be rebuilt from the database (the cache lost it)."""
         key = board_key(subject, window, now)
@@ -269,15 +245,14 @@ class Leaderboards:
         async with self.database.session() as session:
             query = (
                 select(ScoreEntry.user_id, func.sum(ScoreEntry.points))
-                .join(User, User.id == ScoreEntry.user_id, isouter=True)
-                .where(
-                    ScoreEntry.subject == subject, (User.opted_out.is_(None)) | (User.opted_out.is_(False))
-                )
+                .where(ScoreEntry.subject == subject)
                 .group_by(ScoreEntry.user_id)
             )
             if start is not None:
                 query = query.where(ScoreEntry.ts >= start)
             scores = {user: int(total) for user, total in (await session.execute(query)).all() if total}
+            states = await self.privacy.load(session, scores)
+        scores = {user: total for user, total in scores.items() if self.on_boards(states[user])}
         # Raised, not replaced: totals another process set meanwhile from fresher rows stay.
         await self.store.raise_to(board_key(subject, window, now), scores, TTL[window])
         log.info("rebuilt leaderboard %s/%s from the database (%d users)", subject, window, len(scores))
@@ -296,21 +271,38 @@ class Leaderboards:
         async with self.database.session() as session:
             return {user: int(total) for user, total in (await session.execute(query)).all() if total}
 
+    async def restore(self, subject: str, window: str, now: datetime, users: set[str]) -> None:
+        """Set these users' points on the board of the current period to their totals read back from
+        the rows, not incremented: a board rebuilt from the rows meanwhile (which already counts them)
+        or a restore that ran twice cannot count anything twice."""
+        key, rebuilt = await self.ensure(subject, window, now)
+        if not rebuilt:  # a rebuilt board already holds them
+            await self.store.raise_to(key, await self.totals(subject, window, now, users), TTL[window])
+
     async def top(self, subject: str, window: str, now: datetime) -> tuple[str, list[dict[str, Any]]]:
-        """The board's key and its top entries, ranked, with names as viewers may see them."""
+        """The board's key and its top entries, ranked, each user shown as the rule shows them to
+        everyone, read from the store now (one query): a change of name, age or opt-out shows at once."""
         key, _ = await self.ensure(subject, window, now)
-        top = await self.store.top(key, TOP_N)
-        labels = await self.store.labels([m for m, _ in top])
+        scope = board_scope(subject, window)
+        wanted = TOP_N + SPARE
+        while True:
+            cached = await self.store.top(key, wanted)
+            async with self.database.session() as session:
+                states = await self.privacy.load(session, [member for member, _ in cached])
+            visible: list[tuple[Shown, int]] = []
+            for member, score in cached:
+                shown = self.privacy.show(states[member], OUTSIDER, scope)
+                if shown is not None:  # hidden since it was cached: its purge is under way
+                    visible.append((shown, score))
+            if len(visible) >= TOP_N or len(cached) < wanted:
+                break
+            wanted *= 2
         entries = []
         previous_score, rank = None, 0
-        for position, (member, score) in enumerate(top, start=1):
+        for position, (shown, score) in enumerate(visible[:TOP_N], start=1):
             if score != previous_score:
                 rank, previous_score = position, score
-            label = labels.get(member, ANONYMOUS)
-            entry: dict[str, Any] = {"rank": rank, "name": label.name, "score": score}
-            if not label.anonymous:
-                entry["user_id"] = member
-            entries.append(entry)
+            entries.append({"rank": rank, **shown.as_dict(), "score": score})
         return key, entries
 
     async def you(self, key: str, viewer: str) -> dict[str, int] | None:
@@ -366,42 +358,50 @@ class LeaderboardConsumer:
         if not rows:
             return None
         await session.execute(insert(ScoreEntry), rows)
-        user_ids = {r["user_id"] for r in rows}
-        users = {
-            u.id: u for u in (await session.execute(select(User).where(User.id.in_(user_ids)))).scalars()
-        }
+        states = await self.boards.privacy.load(session, {r["user_id"] for r in rows})
 
         async def apply() -> None:
-            # The cached boards are set to each touched user's total read back from the rows, not
-            # incremented: a board rebuilt from the rows meanwhile (which already counts these) or
-            # an apply that ran twice cannot count anything twice.
-            store = self.boards.store
             now = datetime.now(UTC)
             touched: dict[tuple[str, str], set[str]] = {}  # (subject, window) -> users
             for row in rows:
-                user = users.get(row["user_id"])
-                if user is not None and user.opted_out:
-                    continue  # scored (it counts if they opt back in and boards are rebuilt), never shown
+                if not self.boards.on_boards(states[row["user_id"]]):
+                    continue  # scored (it counts if they opt back in), never shown
                 for window in WINDOWS:
                     if period(window, row["ts"]) == period(window, now):  # backfills: the database has them
                         touched.setdefault((row["subject"], window), set()).add(row["user_id"])
-            for user_id in user_ids:
-                user = users.get(user_id)
-                label = (
-                    ANONYMOUS
-                    if user is None or user.minor or not user.display_name
-                    else Label(user.display_name, False)
-                )
-                await store.set_label(user_id, label)
             for (subject, window), members in touched.items():
-                key, rebuilt = await self.boards.ensure(subject, window, now)
-                if not rebuilt:  # a rebuilt board already holds these points
-                    totals = await self.boards.totals(subject, window, now, members)
-                    await store.raise_to(key, totals, TTL[window])
+                await self.boards.restore(subject, window, now, members)
             for subject in {s for s, _ in touched}:
                 await self.hub.publish_raw(CHANGES_TOPIC, orjson.dumps({"subject": subject}))
 
         return apply
+
+
+def boards_follow_changes(boards: Leaderboards, hub: Hub) -> Callable[[PrivacyChange], Awaitable[None]]:
+    """The shared handler for a user's privacy change: deleted, or no longer on boards (opted out),
+    they leave every cached board of every period; on boards again, their totals go back on the
+    current boards of every subject they scored in. Either way every board of theirs is re-rendered
+    on every node: a minor's name goes at once though no point moved. Safe to run twice."""
+
+    async def apply(change: PrivacyChange) -> None:
+        uid = change.user_id
+        async with boards.database.session() as session:
+            subjects = set(
+                await session.scalars(select(ScoreEntry.subject).where(ScoreEntry.user_id == uid).distinct())
+            )
+            state = await boards.privacy.load_one(session, uid)
+        if change.deleted or not boards.on_boards(state):
+            # A deleted user's rows are gone: the boards they were taken off name the subjects.
+            subjects.update(board_subject(key) for key in await boards.store.forget(uid))
+        else:
+            now = datetime.now(UTC)
+            for subject in sorted(subjects):
+                for window in WINDOWS:
+                    await boards.restore(subject, window, now, {uid})
+        for subject in sorted(subjects):
+            await hub.publish_raw(CHANGES_TOPIC, orjson.dumps({"subject": subject}))
+
+    return apply
 
 
 def _day(event: dict[str, Any]) -> datetime:

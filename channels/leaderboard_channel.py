@@ -2,7 +2,8 @@
 
 The join reply is `{"top": [...], "you": {"rank", "score"} | null, "period"}`. After that each node
 pushes `leaderboard_update` with the same shape to its own viewers at most once a second per
-board, and only to a viewer whose top 10 or own standing changed (a new period counts as a change).
+board, and only to a viewer whose top 10 or own standing changed (a new period counts as a change,
+and so does a privacy change of someone on it: names are rendered from the store on every refresh).
 """
 
 from __future__ import annotations

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from sqlalchemy import func, select
 
 from channels import FeedConsumer
-from channels.feed import feed_history
+from channels.feed import feed_history, feed_page, feeds_follow_changes
+from channels.privacy import PrivacyChange
 from metrics import ConsumerRunner, EventIn, EventIngest, MemoryEventStream, RedisEventStream
+from metrics import privacy as data_rights
 from realtime import Hub, MemoryBroker, RealtimeStats
-from store import Consumption, Database, Event, FeedItem, User, utcnow
-from store.privacy import PrivacyRules
+from store import Consumption, Database, Event, FeedItem, Reaction, User, utcnow
+from store.privacy import PrivacyRules, opt_out_user
 
 
 def session_event(eid: str, user: str = "maya", subject: str = "algebra", minutes: int = 20) -> EventIn:
@@ -187,6 +190,107 @@ async def test_feed_items_follow_the_privacy_rules(db, hub):
     assert shy_own[0]["text"] == "Shy scored 92% on a Geometry quiz"
     public_rows = [t for t in texts if "Timmy" in t or "Shy" in t]
     assert len(public_rows) == 2  # only in their own feeds
+
+
+async def test_public_feed_items_follow_a_privacy_change_at_once(db, hub):
+    rules = PrivacyRules("test")
+    async with db.session() as session, session.begin():
+        session.add_all(
+            [
+                User(id="maya", display_name="Maya", subjects=[]),
+                User(id="kid", display_name="Kid", subjects=[]),
+                User(id="shy", display_name="Shy", subjects=[]),
+            ]
+        )
+    consumer = FeedConsumer(hub, rules)
+    stream = MemoryEventStream()
+    stream.register(consumer.name)
+    runner = ConsumerRunner(db, stream, [consumer])
+    # Stored, then streamed: re-rendering reads the stored events.
+    events = [
+        ("f1", "quiz_result", "maya", {"subject": "geometry", "score": 90}),
+        ("f2", "quiz_result", "shy", {"subject": "geometry", "score": 80}),
+        ("f3", "practice_completed", "kid", {"subject": "geometry"}),
+        ("f4", "streak_updated", "shy", {"days": 7}),
+        ("f5", "practice_completed", "maya", {"subject": "geometry"}),
+    ]
+    for eid, etype, user, props in events:
+        await EventIngest(db, stream).ingest([EventIn(eid, etype, user, utcnow(), props)], actor_id="ops")
+        [delivery] = await stream.read(consumer.name, count=10, block_ms=100)
+        assert await runner.process(consumer, delivery.event) == "done"
+    async with db.session() as session, session.begin():
+        epochs = {f: (await feed_history(session, f))["epoch"] for f in ("global", "subject:geometry")}
+        epoch = epochs["global"]
+        session.add(Reaction(feed="global", offset=2, user_id="maya", kind="cheer", created_at=utcnow()))
+    pushed: list[list] = []
+    for topic in ("feed:global", "feed:subject:geometry", "feed:user:shy", "feed:user:kid"):
+        await hub.listen(topic, lambda raw: pushed.append(orjson.loads(raw)))
+    follow = feeds_follow_changes(db, hub, rules)
+
+    async def public(feed: str) -> dict[int, str]:
+        async with db.session() as session:
+            history = await feed_history(session, feed)
+            page = await feed_page(session, feed, before=None, limit=50)
+            resumed = await feed_history(session, feed, since=0, epoch=epochs[feed])
+        assert page["items"] == history["items"]
+        assert resumed["items"] == history["items"]  # resumed, or a fresh page: only what may be shown
+        return {i["offset"]: i["text"] for i in history["items"]}
+
+    async with db.session() as session, session.begin():
+        await opt_out_user(session, "shy", by="self", now=utcnow())
+    await follow(PrivacyChange("shy"))
+    assert await public("global") == {
+        1: "Maya scored 90% on a Geometry quiz",
+        3: "Kid completed Geometry practice",
+        5: "Maya completed Geometry practice",
+    }
+    assert await public("subject:geometry") == {
+        1: "Maya scored 90% on a Geometry quiz",
+        3: "Kid completed Geometry practice",
+        4: "Maya completed Geometry practice",
+    }
+    async with db.session() as session:
+        own = (await feed_history(session, "user:shy"))["items"]
+        assert [i["text"] for i in own] == ["Shy scored 80% on a Geometry quiz", "Shy hit a 7-day streak"]
+        assert await session.scalar(select(func.count()).select_from(Reaction)) == 0
+    await asyncio.sleep(0.05)
+    assert sorted((f[2], f[3], f[4]["offsets"], f[4]["epoch"]) for f in pushed) == [
+        ("feed:global", "activity_removed", [2, 4], epoch),
+        ("feed:subject:geometry", "activity_removed", [2], epochs["subject:geometry"]),
+    ]
+    pushed.clear()
+
+    await follow(PrivacyChange("shy"))  # again: nothing left to change, nothing pushed
+    await set_minor(db, "kid")
+    await follow(PrivacyChange("kid"))
+    assert (await public("global"))[3] == "A student completed Geometry practice"
+    assert (await public("subject:geometry"))[3] == "A student completed Geometry practice"
+    async with db.session() as session:
+        own = (await feed_history(session, "user:kid"))["items"]
+        assert [i["text"] for i in own] == ["Kid completed Geometry practice"]  # their own feed: their name
+    await asyncio.sleep(0.05)
+    updated = {f[2]: f[4] for f in pushed}
+    assert [f[3] for f in pushed] == ["activity_updated", "activity_updated"]
+    assert updated["feed:global"]["epoch"] == epoch
+    assert [(i["offset"], i["text"]) for i in updated["feed:global"]["items"]] == [
+        (3, "A student completed Geometry practice")
+    ]
+    assert [i["offset"] for i in updated["feed:subject:geometry"]["items"]] == [3]
+    pushed.clear()
+
+    # Deleted: their items went with their events (metrics/privacy.py); nothing breaks, nothing is pushed.
+    async with db.session() as session, session.begin():
+        await data_rights.delete_user(session, "maya", actor="ops", now=utcnow(), key="k")
+    await follow(PrivacyChange("maya", deleted_at=utcnow()))
+    assert await public("global") == {3: "A student completed Geometry practice"}
+    await asyncio.sleep(0.05)
+    assert pushed == []
+
+
+async def set_minor(db: Database, user_id: str) -> None:
+    async with db.session() as session, session.begin():
+        user = await session.get(User, user_id)
+        user.minor = True
 
 
 async def test_feed_history_resumes_after_an_offset_or_says_it_cannot(db, hub):

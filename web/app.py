@@ -16,6 +16,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from channels import BoardWatcher, ChannelContext, Leaderboards, boards_from_url, build_router
+from channels.feed import feeds_follow_changes
+from channels.leaderboard import boards_follow_changes
 from channels.privacy import PrivacyNotices, sockets_follow_changes
 from loops import Clock, SystemClock
 from metrics import EventIngest, stream_from_url
@@ -154,6 +156,8 @@ def create_app(
     tracker = PresenceTracker(endpoint.hub, settings.presence)
     notices = PrivacyNotices(endpoint.hub, database, privacy, revocations)
     notices.on_change(sockets_follow_changes(endpoint))
+    notices.on_change(boards_follow_changes(leaderboards, endpoint.hub), shared=True)
+    notices.on_change(feeds_follow_changes(database, endpoint.hub, privacy), shared=True)
     ingest.privacy_changed = notices.changed
     readiness = ReadinessMonitor(
         [Dependency("broker", endpoint.hub.broker.ping), Dependency("database", database.ping)]
