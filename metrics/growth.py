@@ -18,7 +18,9 @@ grouped conversions query (conditional counts), so they cost nothing extra.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -476,12 +478,39 @@ async def loop_efficiency(session: AsyncSession, days: int, now: datetime) -> li
     return loops
 
 
+# Every CSV the server writes goes through `to_csv`; the dashboards' exports (web/static/common.js)
+# follow the same rule.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as a CSV cell a spreadsheet shows as it is: a string starting with = + - @, a tab or a
+    carriage return (a formula to a spreadsheet) gets a leading apostrophe; numbers stay numbers and
+    None is an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, int | float):  # bool too: True/False are no formula
+        return value
+    text = str(value)
+    return f"'{text}" if text.startswith(FORMULA_START) else text
+
+
+def to_csv(rows: Iterable[Sequence[Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerows([csv_cell(v) for v in row] for row in rows)
+    return out.getvalue()
+
+
 __all__ = [
+    "FORMULA_START",
     "PERIODS",
     "active_users",
     "band",
+    "csv_cell",
     "k_factor_report",
     "loop_efficiency",
     "ratio",
     "rebuild_activity",
+    "to_csv",
 ]

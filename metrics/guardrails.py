@@ -28,11 +28,9 @@ below `k_factor` thresholds (alerts only; it pauses nothing).
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
 import hmac
 import html
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -57,7 +55,7 @@ from store import (
 )
 
 from . import experiments
-from .growth import k_factor_report, ratio
+from .growth import k_factor_report, ratio, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -513,21 +511,16 @@ async def weekly_summary(session: AsyncSession, now: datetime, config: Guardrail
 
 
 def summary_csv(summary: dict[str, Any]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["scope", "metric", "value"])
+    rows: list[list[Any]] = [["scope", "metric", "value"]]
     for loop, metrics in summary["loops"].items():
-        for metric, value in metrics.items():
-            writer.writerow([f"loop:{loop}", metric, value])
-    for metric, value in summary["global"].items():
-        writer.writerow(["global", metric, "" if value is None else value])
-    writer.writerow([])
-    writer.writerow(["alert", "scope", "level", "value", "threshold", "state", "created_at"])
+        rows += [[f"loop:{loop}", metric, value] for metric, value in metrics.items()]
+    rows += [["global", metric, value] for metric, value in summary["global"].items()]
+    rows += [[], ["alert", "scope", "level", "value", "threshold", "state", "created_at"]]
     for a in summary["alerts"]:
-        writer.writerow(
+        rows.append(
             [a["metric"], a["scope"], a["level"], a["value"], a["threshold"], a["state"], a["created_at"]]
         )
-    return out.getvalue()
+    return to_csv(rows)
 
 
 def summary_html(summary: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""FERPA/COPPA requests for one user (SPEC §8a): export everything we hold about them, or delete it.
+"""FERPA/COPPA requests for one user: export everything we hold about them, or delete it.
 
 `export_user` returns their rows grouped per table, JSON-ready. Rows are exported as stored, except
 the clicks on their links: those carry no visitor identifiers (cookie, IP and network hashes belong
@@ -34,8 +34,8 @@ leave the cycle time, which needs the deleted link; their invites, clicks on the
 activity leave the report, and their exposures leave experiment results.
 
 One `audit_log` row records the deletion: action `user_deleted`, subject the pseudonym, details the
-counts. Leaderboard caches live in `channels/`: the caller takes the user off them after commit,
-for the subjects listed in the report.
+counts and who asked (`by`). Caches (leaderboards) and open sockets live elsewhere: after the commit
+the caller announces the deletion (channels/privacy.py), which takes the user off them.
 """
 
 from __future__ import annotations
@@ -304,10 +304,17 @@ def _chunks(values: Sequence[str], size: int = 200) -> list[Sequence[str]]:
 
 
 async def delete_user(
-    session: AsyncSession, user_id: str, *, actor: str, now: datetime, key: bytes | str
+    session: AsyncSession,
+    user_id: str,
+    *,
+    actor: str,
+    now: datetime,
+    key: bytes | str,
+    by: str = "admin",
 ) -> DeletionReport:
     """Delete or pseudonymise every row that names `user_id` (the rules are in the module docstring),
-    in the caller's transaction, and record it in `audit_log` under the pseudonym."""
+    in the caller's transaction, and record it in `audit_log` under the pseudonym; `by` says as what
+    `actor` asked ("admin" or "parent")."""
     stand_in = pseudonym(key, user_id)
     report = DeletionReport(stand_in)
     deleted, anonymised = report.deleted, report.anonymised
@@ -389,7 +396,7 @@ async def delete_user(
             actor=actor if actor != user_id else stand_in,
             action="user_deleted",
             subject=stand_in,
-            details={k: v for k, v in report.as_dict().items() if k != "pseudonym"},
+            details={"by": by, **{k: v for k, v in report.as_dict().items() if k != "pseudonym"}},
             at=now,
         )
     )

@@ -21,6 +21,8 @@ Screenshots (viewport-sized PNGs) go to $DASHBOARD_SCREENSHOTS when set (e.g.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import shutil
@@ -44,6 +46,7 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from servers import SECRET, make_token
 
+from metrics.events import client_event_id
 from realtime import TokenVerifier
 
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
@@ -157,7 +160,14 @@ async def post(world: LoopWorld, etype: str, user: str, ts: datetime | None = No
     ]
     response = await world.http.post("/api/events", json=body, headers=admin(world))
     assert response.status_code == 202, response.text
-    await world.consumed(event_id)
+    await world.consumed(client_event_id("ops", event_id))
+
+
+def as_number(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 async def catch_up_clock(world: LoopWorld) -> None:
@@ -511,6 +521,29 @@ async def test_k_factor_page_matches_the_api_changes_live_and_filters_by_period(
         rows = (downloads / "top-referrers-30d.csv").read_text().splitlines()
         assert rows[0].startswith("user_id,conversions")
         assert rows[1].startswith("ann,1,")
+
+        # An invite's source is whatever its client sent: exported, a formula reads as text, in the
+        # browser's CSV cell for cell as in the server's (one rule); numbers stay numbers.
+        formula = "-1+1|cmd"
+        await post(world, "invite_sent", "bob", source=formula)
+        await wait_for(
+            page, "document.querySelector('[data-metric=invites_sent]').dataset.value === '3'", timeout=5
+        )
+        async with page.expect_download(timeout=5000) as download_info:
+            await page.click("button[data-csv='k-by-source-30d']")
+        download = await download_info.value
+        await download.save_as(downloads / download.suggested_filename)
+        exported = list(csv.DictReader(io.StringIO((downloads / "k-by-source-30d.csv").read_text())))
+        served = await world.http.get("/api/metrics/k-factor?days=30&format=csv", headers=admin(world))
+        lines = list(csv.reader(io.StringIO(served.text)))
+        section = lines.index(["by_source"])
+        header, end = lines[section + 1], lines.index([], section)
+        by_source = {row[0]: dict(zip(header, row, strict=True)) for row in lines[section + 2 : end]}
+        assert {r["source"] for r in exported} == set(by_source) and f"'{formula}" in by_source
+        for row in exported:  # a number may be written 0 or 0.0: the same number to a spreadsheet
+            served_row = by_source[row["source"]]
+            assert {k: as_number(v) for k, v in row.items()} == {k: as_number(served_row[k]) for k in row}
+        assert by_source[f"'{formula}"]["invites_sent"] == "1"
 
         # Phone width: the page fits (wide tables scroll inside their own box).
         await phone_width(page)

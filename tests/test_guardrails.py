@@ -199,10 +199,12 @@ async def test_consent_flow_with_audit(server_database):
         again = await world.act("kid", "challenge", subject="algebra", outside=True)
         assert again.status_code == 403 and "minor_without_consent" in again.json()["error"]
         audit = (await call(world, "GET", "/api/audit?subject=kid")).json()["audit"]
-        assert [(a["actor"], a["action"]) for a in audit] == [
-            ("mum", "consent_revoked"),
-            ("mum", "consent_granted"),
+        assert [(a["actor"], a["action"], a["details"]["by"]) for a in audit] == [
+            ("mum", "consent_revoked", "parent"),
+            ("mum", "consent_granted", "parent"),
+            ("ops", "profile_changed", "admin"),  # the profile naming mum as the parent
         ]
+        assert audit[-1]["details"]["changes"] == {"parent_id": [None, "mum"], "minor": [False, True]}
         report = (await call(world, "GET", "/api/guardrails")).json()
         assert report["refusals_by_reason"]["minor_without_consent"] == 2
 
@@ -227,7 +229,10 @@ async def test_opt_out_and_opt_in_over_the_api(server_database):
         assert (await world.act("maya", "challenge", subject="algebra", friend_id="leo")).status_code == 200
         await leo.wait_for(is_event("user:leo", "challenge_invite"))
         audit = (await call(world, "GET", "/api/audit?subject=leo")).json()["audit"]
-        assert [a["action"] for a in audit] == ["opted_in", "opted_out"]
+        assert [(a["action"], a["details"]["by"]) for a in audit] == [
+            ("opted_in", "self"),
+            ("opted_out", "self"),
+        ]
 
 
 class Outbox:

@@ -11,10 +11,14 @@ The cookie path only accepts requests that cannot be forged by another site:
   POSTs; a request without one is not a cross-site form or fetch.
 
 The bearer header always wins when present, so API clients are unaffected by a stray cookie.
+
+Who may act for a user (see their data, delete it, opt them out or in, record consent) is `act_for`:
+the user themself where the route allows it, the parent their profile names, or an admin.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -78,3 +82,36 @@ def require_role(request: Request, *roles: str) -> dict[str, Any]:
     if claims.get("role") not in roles:
         raise HTTPException(403, f"this endpoint needs the role {' or '.join(roles)}")
     return claims
+
+
+@dataclass(frozen=True, slots=True)
+class Acting:
+    """Who acts for a user, and as what: `as_` is "self", "parent" (the parent named in the user's
+    profile) or "admin"."""
+
+    claims: dict[str, Any]
+    as_: str
+
+    @property
+    def actor(self) -> str:
+        return str(self.claims["sub"])
+
+
+async def act_for(request: Request, user_id: str, *, self_ok: bool) -> Acting:
+    """The caller, when they may act for `user_id`: an admin, the parent the store names as the user's
+    `parent_id` (with a parent's token: what a token says about families counts for nothing), or, when
+    `self_ok`, the user themself. 403 for anyone else."""
+    claims = claims_from_request(request)
+    me = str(claims["sub"])
+    if claims.get("role") == "admin":
+        return Acting(claims, "admin")
+    if claims.get("role") == "parent" and me != user_id:
+        state = request.app.state
+        async with state.database.session() as session:
+            child = await state.privacy.load_one(session, user_id)
+        if child.parent_id == me:
+            return Acting(claims, "parent")
+    if self_ok and me == user_id:
+        return Acting(claims, "self")
+    who = "the user themselves, their parent" if self_ok else "their parent"
+    raise HTTPException(403, f"only {who} or an admin may do this")

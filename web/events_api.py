@@ -16,7 +16,7 @@ from channels.feed import feed_page, feed_refusal
 from channels.presence import SUBJECT
 from metrics import EventRejected, IngestUnavailable, validate_event
 from metrics.events import ID_PATTERN
-from store import Consumption, User, utcnow
+from store import AuditLog, Consumption, User, utcnow
 
 from .auth import claims_from_request, require_role
 from .responses import ORJSONResponse, once_more_if_raced, read_json, user_id_param
@@ -108,7 +108,7 @@ def _known_zone(name: str) -> bool:
 
 
 async def put_user(request: Request) -> Response:
-    require_role(request, "admin")
+    claims = require_role(request, "admin")
     user_id = user_id_param(request)
     body = await read_json(request, 64 * 1024)
     if not isinstance(body, dict):
@@ -139,9 +139,23 @@ async def put_user(request: Request) -> Response:
             if user is None:
                 user = User(id=user_id, subjects=[])
                 session.add(user)
+            # Who the user's parent is (who may then act for them) and whether they are a minor: each
+            # change is audited, [before, after]. A new profile has no parent and is not a minor.
+            before = {"parent_id": user.parent_id, "minor": bool(user.minor)}
+            changes = {k: [v, body[k]] for k, v in before.items() if k in body and body[k] != v}
             for name in PROFILE_FIELDS:
                 if name in body:
                     setattr(user, name, body[name])
+            if changes:
+                session.add(
+                    AuditLog(
+                        actor=str(claims["sub"]),
+                        action="profile_changed",
+                        subject=user_id,
+                        details={"by": "admin", "changes": changes},
+                        at=request.app.state.clock.now(),
+                    )
+                )
         return created
 
     created = await once_more_if_raced(write)  # two first PUTs at once: the second one updates

@@ -5,14 +5,15 @@ Admin: `GET /api/guardrails` (the report `dashboard:guardrails` pushes), `POST /
 `GET /api/alerts?state=open|resolved`, `GET /api/guardrails/summary?format=json|csv|html` (the weekly
 summary for the last 7 days).
 Consent: `POST /api/users/{id}/consent {"method", "parent_id"?}` and `DELETE …/consent` — an admin,
-or the parent named in the child's profile; audited. Opt-out: `POST /api/users/{id}/opt-out` and
-`/opt-in` — the user, their parent, or an admin; audited (opting out is also an `opt_out` event, so
-every consumer hides them at once).
+or the parent named in the child's profile. Opt-out: `POST /api/users/{id}/opt-out` and `/opt-in` —
+the user, that parent, or an admin; an opt-out a parent or an admin made is lifted only by one of
+them. Each is stored and audited (with `by`: self, parent or admin) before the answer.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,16 +25,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from loops.scheduler import schedule
-from metrics import EventIn, fraud, guardrails
+from metrics import EventIn, IngestUnavailable, fraud, guardrails
 from metrics.events import ID_PATTERN
 from metrics.guardrails import GuardrailConfig, LogSender, Sender
 from metrics.live import GuardrailsDashboard
 from store import Alert, AuditLog, Consent, Database, LoopJob, User
+from store.privacy import OPT_OUT_MAKERS, opt_out_user
 
-from .auth import claims_from_request, require_role
+from .auth import act_for, require_role
 from .responses import ORJSONResponse, once_more_if_raced, read_json, user_id_param
 
 log = logging.getLogger(__name__)
+# Opt-outs the user cannot lift themself.
+GUARDED_OPT_OUTS = tuple(m for m in OPT_OUT_MAKERS if m != "self")
 
 
 class GuardrailJobs:
@@ -177,28 +181,18 @@ async def summary(request: Request) -> Response:
 # Consent and opt-out.
 
 
-async def _may_act_for(request: Request, user_id: str, *, self_ok: bool) -> dict[str, Any]:
-    claims = claims_from_request(request)
-    me = str(claims["sub"])
-    if claims.get("role") == "admin" or (self_ok and me == user_id):
-        return claims
-    async with request.app.state.database.session() as session:
-        child = await session.get(User, user_id)
-    if claims.get("role") == "parent" and child is not None and child.parent_id == me:
-        return claims
-    raise HTTPException(403, "only the user, their parent or an admin may do this")
-
-
 async def grant_consent(request: Request) -> Response:
     user_id = user_id_param(request)
-    claims = await _may_act_for(request, user_id, self_ok=False)
+    acting = await act_for(request, user_id, self_ok=False)
     body = await read_json(request, 4096)
     method = body.get("method") if isinstance(body, dict) else None
     if not isinstance(method, str) or not 1 <= len(method) <= 32:
         raise HTTPException(422, 'method must say how consent was verified, e.g. "signed_form", "card_check"')
-    parent = body.get("parent_id", claims["sub"] if claims.get("role") == "parent" else None)
+    parent = body.get("parent_id", acting.actor if acting.as_ == "parent" else None)
     if not isinstance(parent, str) or not ID_PATTERN.match(parent):
         raise HTTPException(422, "parent_id is required: a user id of 1-64 letters, digits or _.:-")
+    if acting.as_ == "parent" and parent != acting.actor:
+        raise HTTPException(422, "a parent records their own consent: parent_id must be yours")
     now = request.app.state.clock.now()
 
     async def write() -> None:
@@ -215,10 +209,10 @@ async def grant_consent(request: Request) -> Response:
                 )
             session.add(
                 AuditLog(
-                    actor=str(claims["sub"]),
+                    actor=acting.actor,
                     action="consent_granted",
                     subject=user_id,
-                    details={"parent_id": parent, "method": method},
+                    details={"by": acting.as_, "parent_id": parent, "method": method},
                     at=now,
                 )
             )
@@ -230,7 +224,7 @@ async def grant_consent(request: Request) -> Response:
 
 async def revoke_consent(request: Request) -> Response:
     user_id = user_id_param(request)
-    claims = await _may_act_for(request, user_id, self_ok=False)
+    acting = await act_for(request, user_id, self_ok=False)
     now = request.app.state.clock.now()
 
     async with request.app.state.database.session() as session, session.begin():
@@ -244,37 +238,75 @@ async def revoke_consent(request: Request) -> Response:
         )
         if not getattr(revoked, "rowcount", 0):
             raise HTTPException(404, "no consent on record")
-        session.add(AuditLog(actor=str(claims["sub"]), action="consent_revoked", subject=user_id, at=now))
+        session.add(
+            AuditLog(
+                actor=acting.actor,
+                action="consent_revoked",
+                subject=user_id,
+                details={"by": acting.as_},
+                at=now,
+            )
+        )
     await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"user_id": user_id, "consent": False})
 
 
 async def opt_out(request: Request) -> Response:
+    """Stored and audited in one transaction before the answer; the `opt_out` event that follows (with
+    a random id no one can claim first) is for the consumers that count opt-outs."""
     user_id = user_id_param(request)
-    claims = await _may_act_for(request, user_id, self_ok=True)
-    now = request.app.state.clock.now()
-    event = EventIn(f"opt-out-{user_id}-{int(now.timestamp())}"[:64], "opt_out", user_id, now, {"via": "api"})
-    await request.app.state.ingest.ingest([event], actor_id=str(claims["sub"]))
-    async with request.app.state.database.session() as session, session.begin():
-        session.add(AuditLog(actor=str(claims["sub"]), action="opted_out", subject=user_id, at=now))
-    return ORJSONResponse({"user_id": user_id, "opted_out": True})
+    acting = await act_for(request, user_id, self_ok=True)
+    state = request.app.state
+    now = state.clock.now()
+    async with state.database.session() as session, session.begin():
+        await opt_out_user(session, user_id, by=acting.as_, now=now)
+        by = await session.scalar(select(User.opted_out_by).where(User.id == user_id))
+        session.add(
+            AuditLog(
+                actor=acting.actor, action="opted_out", subject=user_id, details={"by": acting.as_}, at=now
+            )
+        )
+    event = EventIn(f"opt-out-{uuid.uuid4().hex}", "opt_out", user_id, now, {"via": "api", "by": acting.as_})
+    try:
+        # Ingest announces the change once it has stored the event.
+        await state.ingest.ingest([event], actor_id=acting.actor)
+    except IngestUnavailable as exc:
+        log.warning("opt-out of a user stored, but its event was not (%s)", exc)
+        await state.notices.changed(user_id)
+    return ORJSONResponse({"user_id": user_id, "opted_out": True, "opted_out_by": by})
 
 
 async def opt_in(request: Request) -> Response:
+    """An opt-out a parent or an admin made is lifted only by a parent or an admin; the user may lift
+    their own."""
     user_id = user_id_param(request)
-    claims = await _may_act_for(request, user_id, self_ok=True)
+    acting = await act_for(request, user_id, self_ok=True)
     now = request.app.state.clock.now()
+    lifted_by_them = User.opted_out.is_(True)
+    if acting.as_ == "self":
+        lifted_by_them &= User.opted_out_by.is_(None) | User.opted_out_by.not_in(GUARDED_OPT_OUTS)
 
     async with request.app.state.database.session() as session, session.begin():
+        # One statement, so an opt-out a parent makes meanwhile is never lifted by the child.
         opted_in = await session.execute(
             update(User)
-            .where(User.id == user_id, User.opted_out.is_(True))
-            .values(opted_out=False, updated_at=now)
+            .where(User.id == user_id, lifted_by_them)
+            .values(opted_out=False, opted_out_by=None, updated_at=now)
             .execution_options(synchronize_session=False)
         )
         if not getattr(opted_in, "rowcount", 0):
-            raise HTTPException(409, "not opted out")
-        session.add(AuditLog(actor=str(claims["sub"]), action="opted_in", subject=user_id, at=now))
+            by = await session.scalar(
+                select(User.opted_out_by).where(User.id == user_id, User.opted_out.is_(True))
+            )
+            if by is None:
+                raise HTTPException(409, "not opted out")
+            maker = "their parent" if by == "parent" else "an admin"
+            raise HTTPException(403, f"opted out by {maker}: only their parent or an admin may opt them in")
+        session.add(
+            AuditLog(
+                actor=acting.actor, action="opted_in", subject=user_id, details={"by": acting.as_}, at=now
+            )
+        )
     await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"user_id": user_id, "opted_out": False})
 

@@ -1,9 +1,7 @@
-"""Growth metrics over HTTP (SPEC §9): `GET /api/metrics/k-factor?days=7|14|30|90[&format=csv]` (admin)."""
+"""Growth metrics over HTTP: `GET /api/metrics/k-factor?days=7|14|30|90[&format=csv]` (admin)."""
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -11,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from metrics.growth import PERIODS, k_factor_report, loop_efficiency
+from metrics.growth import PERIODS, k_factor_report, loop_efficiency, to_csv
 from store import utcnow
 
 from .auth import require_role
@@ -19,24 +17,17 @@ from .responses import ORJSONResponse
 
 
 def report_csv(report: dict[str, Any]) -> str:
-    """The report as CSV: the headline numbers, then one table per section."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["metric", "value"])
-    for key, value in report.items():
-        if not isinstance(value, (list, dict)):
-            writer.writerow([key, value])
-    for key, value in report["cycle_time"].items():
-        writer.writerow([f"cycle_time_{key}", "" if value is None else value])
+    """The report as CSV: the headline numbers, then one table per section (cells neutralised: a
+    referrer's invite `source` is theirs to choose)."""
+    rows: list[list[Any]] = [["metric", "value"]]
+    rows += [[key, value] for key, value in report.items() if not isinstance(value, (list, dict))]
+    rows += [[f"cycle_time_{key}", value] for key, value in report["cycle_time"].items()]
     for section in ("by_source", "funnel", "cohorts", "timeline", "top_referrers"):
-        rows = report[section]
-        writer.writerow([])
-        writer.writerow([section])
-        if rows:
-            writer.writerow(list(rows[0]))
-            for row in rows:
-                writer.writerow(["" if v is None else v for v in row.values()])
-    return out.getvalue()
+        rows += [[], [section]]
+        if report[section]:
+            rows.append(list(report[section][0]))
+            rows += [list(row.values()) for row in report[section]]
+    return to_csv(rows)
 
 
 async def k_factor(request: Request) -> Response:

@@ -237,6 +237,16 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
     key = _path("key", EXPERIMENT_KEY, "the experiment's key")
     days = _query("days", {"type": "integer", "enum": list(PERIODS), "default": 7})
     opted_out = _obj(["user_id", "opted_out"], user_id={"type": "string"}, opted_out={"type": "boolean"})
+    opted_out_by = _obj(
+        ["user_id", "opted_out", "opted_out_by"],
+        user_id={"type": "string"},
+        opted_out={"type": "boolean"},
+        opted_out_by={
+            "type": "string",
+            "enum": ["self", "parent", "admin"],
+            "description": "who made the opt-out that stands (a parent's or an admin's is kept)",
+        },
+    )
     return {
         "/api/publish": {
             "post": _op(
@@ -363,17 +373,32 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
                 body=_body(PROFILE),
             ),
             "delete": _op(
-                "Delete everything held about a user (COPPA/FERPA), in one transaction",
-                "admin",
-                {"200": _json(_obj(["deleted"], deleted=OBJECT, anonymised=OBJECT)), **_errors(404, 422)},
+                "Delete everything held about a user (COPPA/FERPA), in one transaction (the parent named "
+                "in their profile, or an admin; audited): their sockets close and their tokens issued "
+                "before `deleted_at` are refused",
+                "parent or admin",
+                {
+                    "200": _json(
+                        _obj(
+                            ["pseudonym", "deleted", "anonymised", "deleted_at"],
+                            pseudonym={"type": "string"},
+                            deleted=OBJECT,
+                            anonymised=OBJECT,
+                            leaderboard_subjects=_array({"type": "string"}),
+                            deleted_at=TIMESTAMP,
+                        )
+                    ),
+                    **_errors(404, 422),
+                },
                 tag="users",
                 parameters=[user],
             ),
         },
         "/api/users/{user_id}/export": {
             "get": _op(
-                "Everything held about a user, as a JSON download (audited)",
-                "self",
+                "Everything held about a user, as a JSON download (the user, the parent named in their "
+                "profile, or an admin; audited)",
+                "self, parent or admin",
                 {"200": _json(_obj(["tables"], tables=OBJECT)), **_errors(404, 422)},
                 tag="users",
                 parameters=[user],
@@ -413,10 +438,11 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
         },
         "/api/users/{user_id}/opt-out": {
             "post": _op(
-                "Turn a user's social features off (the user, their parent or an admin)",
+                "Turn a user's social features off (the user, the parent named in their profile, or an "
+                "admin; audited); stored before the answer",
                 "self, parent or admin",
                 {
-                    "200": _json(opted_out),
+                    "200": _json(opted_out_by),
                     **_errors(422, 503),
                 },
                 tag="users",
@@ -425,7 +451,8 @@ def build_paths(loop_actions: list[str]) -> dict[str, dict[str, Schema]]:
         },
         "/api/users/{user_id}/opt-in": {
             "post": _op(
-                "Turn a user's social features back on",
+                "Turn a user's social features back on: an opt-out a parent or an admin made is lifted "
+                "only by a parent or an admin (403 for the user); audited",
                 "self, parent or admin",
                 {
                     "200": _json(opted_out),

@@ -85,7 +85,14 @@ ANY_USER: dict[tuple[str, str], tuple[str, dict[str, Any], Any, int, str] | None
         {"user_id": "bob"},
         None,
         403,
-        "themselves or an admin",
+        "themselves, their parent or an admin",
+    ),
+    ("DELETE", "/api/users/{user_id}"): (
+        make_token("carol", "parent"),  # a parent only of a child whose profile names them
+        {"user_id": "bob"},
+        None,
+        403,
+        "their parent or an admin",
     ),
     ("POST", "/api/users/{user_id}/consent"): (
         make_token("carol", "parent"),

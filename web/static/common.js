@@ -377,11 +377,19 @@ export function table({ id, caption, columns, rows, csvName, empty = "Nothing ye
   return h("div", { class: "table-wrap" }, h("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": caption }, tableEl), tools);
 }
 
-function csvCell(value) {
+/**
+ * One CSV cell, by the rule every CSV the server writes follows (metrics/growth.py csv_cell): a string
+ * starting with = + - @, a tab or a carriage return, which a spreadsheet would run as a formula, gets a
+ * leading apostrophe; numbers (and booleans) stay as they are; null is an empty cell.
+ */
+export function csvCell(value) {
   if (value === null || value === undefined) return "";
-  let s = typeof value === "object" ? JSON.stringify(value) : String(value);
-  // A cell a spreadsheet would run as a formula is quoted as text.
-  if (/^[=+\-@\t\r]/.test(s) && !/^-?\d/.test(s)) s = `'${s}`;
+  let s;
+  if (typeof value === "number" || typeof value === "boolean") s = String(value);
+  else {
+    s = typeof value === "object" ? JSON.stringify(value) : String(value);
+    if (/^[=+\-@\t\r]/.test(s)) s = `'${s}`;
+  }
   return /[",\r\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
