@@ -5,14 +5,15 @@ user to everyone (a minor or unknown user is "A student", one who opted out is n
 an id; a user's own feed (`feed:user:{id}`) carries their name. When a user's privacy changes,
 `feeds_follow_changes` re-renders their public items: gone ones are deleted and pushed as
 `activity_removed` `{"offsets": [...], "epoch"}`, reworded ones as `activity_updated` `{"items": [...],
-"epoch"}` (the items as in history), so history and live viewers both follow the rule at once.
+"epoch"}` (the items as in history), so history and live viewers both follow the rule at once; the
+feed's epoch is renewed, so a client that was away gets a fresh page rather than resuming.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
@@ -229,40 +230,70 @@ class FeedConsumer:
         return push
 
 
+@dataclass
+class PublicItemChanges:
+    """What a privacy change did to public feeds: items removed and re-worded, per feed, and each
+    changed feed's new epoch. The epoch is renewed so a client that was away resumes with a fresh page
+    instead of keeping a copy the rule no longer allows."""
+
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    updated: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    epochs: dict[str, str] = field(default_factory=dict)
+
+    async def tell(self, hub: Hub) -> None:
+        """Push the changes to live viewers (after the commit)."""
+        for feed, epoch in self.epochs.items():
+            if feed in self.removed:
+                offsets = sorted(self.removed[feed])
+                await hub.broadcast(feed_topic(feed), REMOVED_EVENT, {"offsets": offsets, "epoch": epoch})
+            if feed in self.updated:
+                items = sorted(self.updated[feed], key=lambda i: i["offset"])
+                await hub.broadcast(feed_topic(feed), UPDATED_EVENT, {"items": items, "epoch": epoch})
+
+
+async def rerender_public_items(
+    session: AsyncSession, privacy: PrivacyRules, state: PrivacyState
+) -> PublicItemChanges:
+    """In the caller's transaction: the user's items in public feeds rendered again from their stored
+    events as the rule shows `state` (an item it no longer allows is deleted, with its reactions)."""
+    changes = PublicItemChanges()
+    for item, text in await _rerendered(session, privacy, state):
+        if text is None:
+            changes.removed.setdefault(item.feed, []).append(item.offset)
+            await session.delete(item)
+        elif text != item.text:
+            item.text = text
+            changes.updated.setdefault(item.feed, []).append(item_payload(item))
+    for feed, offsets in changes.removed.items():
+        await session.execute(delete(Reaction).where(Reaction.feed == feed, Reaction.offset.in_(offsets)))
+    for feed in sorted({*changes.removed, *changes.updated}):  # name order, as reserve_offsets locks
+        changes.epochs[feed] = secrets.token_hex(8)
+        await session.execute(update(Feed).where(Feed.name == feed).values(epoch=changes.epochs[feed]))
+    await session.flush()
+    return changes
+
+
+async def withdraw_public_items(
+    session: AsyncSession, privacy: PrivacyRules, user_id: str
+) -> PublicItemChanges:
+    """In the caller's transaction, before the user's data is deleted: take every item made from their
+    events out of the public feeds."""
+    state = await privacy.load_one(session, user_id)
+    return await rerender_public_items(session, privacy, replace(state, opted_out=True))
+
+
 def feeds_follow_changes(
     database: Database, hub: Hub, privacy: PrivacyRules
 ) -> Callable[[PrivacyChange], Awaitable[None]]:
-    """The shared handler for a user's privacy change: their items in public feeds are rendered again
-    from their stored events as the rule now shows them; what changed is pushed to live viewers. A
-    deleted user's items went with their events, so there is nothing left to do. Safe to run twice."""
+    """The shared handler for a user's privacy change: their public items follow the rule now
+    (`rerender_public_items`), and live viewers are told. A deleted user's items were withdrawn with
+    their data (`withdraw_public_items`), so there is nothing left to do. Safe to run twice."""
 
     async def apply(change: PrivacyChange) -> None:
-        removed: dict[str, list[int]] = {}
-        updated: dict[str, list[dict[str, Any]]] = {}
         async with database.session() as session, session.begin():
             state = await privacy.load_one(session, change.user_id)
-            for item, text in await _rerendered(session, privacy, state):
-                if text is None:
-                    removed.setdefault(item.feed, []).append(item.offset)
-                    await session.delete(item)
-                elif text != item.text:
-                    item.text = text
-                    updated.setdefault(item.feed, []).append(item_payload(item))
-            for feed, offsets in removed.items():
-                await session.execute(
-                    delete(Reaction).where(Reaction.feed == feed, Reaction.offset.in_(offsets))
-                )
-            changed = sorted({*removed, *updated})
-            epochs = dict(
-                (await session.execute(select(Feed.name, Feed.epoch).where(Feed.name.in_(changed)))).all()
-            )
-        for feed in changed:
-            topic, epoch = feed_topic(feed), epochs.get(feed, "")
-            if feed in removed:
-                await hub.broadcast(topic, REMOVED_EVENT, {"offsets": sorted(removed[feed]), "epoch": epoch})
-            if feed in updated:
-                items = sorted(updated[feed], key=lambda i: i["offset"])
-                await hub.broadcast(topic, UPDATED_EVENT, {"items": items, "epoch": epoch})
+            changes = await rerender_public_items(session, privacy, state)
+        await changes.tell(hub)
 
     return apply
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from channels import FeedConsumer
-from channels.feed import feed_history, feed_page, feeds_follow_changes
+from channels.feed import feed_history, feed_page, feeds_follow_changes, withdraw_public_items
 from channels.privacy import PrivacyChange
 from metrics import ConsumerRunner, EventIn, EventIngest, MemoryEventStream, RedisEventStream
 from metrics import privacy as data_rights
@@ -254,11 +254,18 @@ async def test_public_feed_items_follow_a_privacy_change_at_once(db, hub):
         assert [i["text"] for i in own] == ["Shy scored 80% on a Geometry quiz", "Shy hit a 7-day streak"]
         assert await session.scalar(select(func.count()).select_from(Reaction)) == 0
     await asyncio.sleep(0.05)
+    async with db.session() as session:
+        renewed = {f: (await feed_history(session, f))["epoch"] for f in ("global", "subject:geometry")}
+        # A client that was away and kept the removed items resumes with a fresh page, not after them.
+        stale = await feed_history(session, "global", since=1, epoch=epoch)
+        assert stale["recovered"] is False and 2 not in [i["offset"] for i in stale["items"]]
+    assert renewed["global"] != epoch and renewed["subject:geometry"] != epochs["subject:geometry"]
     assert sorted((f[2], f[3], f[4]["offsets"], f[4]["epoch"]) for f in pushed) == [
-        ("feed:global", "activity_removed", [2, 4], epoch),
-        ("feed:subject:geometry", "activity_removed", [2], epochs["subject:geometry"]),
+        ("feed:global", "activity_removed", [2, 4], renewed["global"]),
+        ("feed:subject:geometry", "activity_removed", [2], renewed["subject:geometry"]),
     ]
     pushed.clear()
+    epochs = renewed
 
     await follow(PrivacyChange("shy"))  # again: nothing left to change, nothing pushed
     await set_minor(db, "kid")
@@ -271,20 +278,27 @@ async def test_public_feed_items_follow_a_privacy_change_at_once(db, hub):
     await asyncio.sleep(0.05)
     updated = {f[2]: f[4] for f in pushed}
     assert [f[3] for f in pushed] == ["activity_updated", "activity_updated"]
-    assert updated["feed:global"]["epoch"] == epoch
+    async with db.session() as session:
+        assert updated["feed:global"]["epoch"] == (await feed_history(session, "global"))["epoch"] != epoch
     assert [(i["offset"], i["text"]) for i in updated["feed:global"]["items"]] == [
         (3, "A student completed Geometry practice")
     ]
     assert [i["offset"] for i in updated["feed:subject:geometry"]["items"]] == [3]
     pushed.clear()
 
-    # Deleted: their items went with their events (metrics/privacy.py); nothing breaks, nothing is pushed.
+    # Deleted: their public items are withdrawn (and pushed) with their data; the handler then finds
+    # nothing left to do.
     async with db.session() as session, session.begin():
+        withdrawn = await withdraw_public_items(session, rules, "maya")
         await data_rights.delete_user(session, "maya", actor="ops", now=utcnow(), key="k")
+    await withdrawn.tell(hub)
     await follow(PrivacyChange("maya", deleted_at=utcnow()))
     assert await public("global") == {3: "A student completed Geometry practice"}
     await asyncio.sleep(0.05)
-    assert pushed == []
+    assert sorted((f[2], f[3], f[4]["offsets"]) for f in pushed) == [
+        ("feed:global", "activity_removed", [1, 5]),
+        ("feed:subject:geometry", "activity_removed", [1, 4]),
+    ]
 
 
 async def set_minor(db: Database, user_id: str) -> None:

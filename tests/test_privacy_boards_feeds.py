@@ -139,11 +139,18 @@ async def test_boards_and_public_feeds_follow_every_privacy_change_live(database
         await board_push(viewer, BOARD, back)
         await everywhere(back, ["Ann scored 90% on a Algebra quiz", "A student scored 70% on a Algebra quiz"])
 
-        # Ann is deleted: gone from the boards, live too.
+        # Ann is deleted: gone from the boards and the public feeds, live too.
         response = await world.http.delete("/api/users/ann", headers=admin)
         assert response.status_code == 200, response.text
         left = [(1, "Bob", "bob", 80), (2, "A student", None, 70)]
         await board_push(viewer, BOARD, left)
+        for feed in FEEDS:
+            await viewer.wait_for(
+                lambda f, feed=feed: (
+                    f[2] == feed and f[3] == "activity_removed" and f[4]["offsets"] == [offsets[feed]["ann"]]
+                ),
+                WAIT,
+            )
         await everywhere(left, ["A student scored 70% on a Algebra quiz"])
         cached = world.app.state.endpoint.context.leaderboards
         for window in ("daily", "weekly", "all_time"):

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from channels.feed import withdraw_public_items
 from metrics import privacy
 from store import AuditLog, Tombstone, utcnow
 
@@ -59,6 +60,7 @@ async def delete_user(request: Request) -> Response:
             buried = await session.get(Tombstone, state.privacy.tombstone_key(user_id))
             report = None
         else:
+            withdrawn = await withdraw_public_items(session, state.privacy, user_id)
             report = await privacy.delete_user(
                 session,
                 user_id,
@@ -74,6 +76,7 @@ async def delete_user(request: Request) -> Response:
         if buried is not None:
             await state.notices.changed(user_id, deleted_at=buried.deleted_at)
         raise HTTPException(404, NOTHING_HELD)
+    await withdrawn.tell(state.endpoint.hub)
     await state.notices.changed(user_id, deleted_at=deleted_at)
     await state.k_factor.changed()  # conversions and referrers moved
     return ORJSONResponse({**report.as_dict(), "deleted_at": deleted_at.isoformat()})
