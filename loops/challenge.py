@@ -19,8 +19,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from metrics import EventIn
-from metrics.attribution import create_link
 from store import LoopItem, LoopJob, LoopMember
 from store.privacy import OUTSIDER, Viewer
 
@@ -105,26 +103,9 @@ class BuddyChallenge(Loop):
         await self.member(session, item.id, me, "owner", now)
         reply: dict[str, Any] = {"challenge_id": item.id, "topic": f"challenge:{item.id}"}
         if outside:
-            link = await create_link(
-                session,
-                self.services.signer,
-                referrer=me,
-                source=self.name,
-                target=f"/challenge/{item.id}",
-                now=now,
-                ttl=ttl_hours * 3600,
+            reply.update(
+                await self.share_item(session, fx, item, me, f"/challenge/{item.id}", ttl_hours * 3600)
             )
-            item.data = {**item.data, "link_nonce": link.nonce}
-            fx.emit(
-                EventIn(
-                    f"{item.id}-invite",
-                    "invite_sent",
-                    me,
-                    now,
-                    {"source": self.name, "link_token": link.token},
-                )
-            )
-            reply.update(token=link.token, url=f"/r/{link.token}")
         else:
             assert friend is not None
             await self.member(session, item.id, friend, "invited", now)

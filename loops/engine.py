@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics import EventIn, experiments
-from metrics.attribution import verified_link
+from metrics.attribution import create_link, verified_link
 from metrics.compliance import SocialAction, Verdict
 from metrics.links import LinkError, LinkSigner
 from metrics.rewards import Paid, pay
@@ -211,6 +211,33 @@ class Loop:
         if link.nonce != item.data.get("link_nonce") or link.referrer_id != item.owner_id:
             raise ActionError("invalid_link", f"this invite link is not for this {needs}")
         return link
+
+    async def share_item(
+        self, session: AsyncSession, fx: Effects, item: LoopItem, sender: str, target: str, ttl: int
+    ) -> dict[str, str]:
+        """The item's invite link for `sender` to share, leading to `target`, recorded on the item and
+        announced as `invite_sent`; returns `{token, url}` for the reply."""
+        now = self.now()
+        link = await create_link(
+            session,
+            self.services.signer,
+            referrer=sender,
+            source=self.name,
+            target=target,
+            now=now,
+            ttl=ttl,
+        )
+        item.data = {**(item.data or {}), "link_nonce": link.nonce}
+        fx.emit(
+            EventIn(
+                f"{item.id}-invite",
+                "invite_sent",
+                sender,
+                now,
+                {"source": self.name, "link_token": link.token},
+            )
+        )
+        return {"token": link.token, "url": f"/r/{link.token}"}
 
     # Showing other users (the privacy rule, store/privacy.py).
 

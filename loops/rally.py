@@ -22,8 +22,6 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from metrics import EventIn
-from metrics.attribution import create_link
 from store import Event, LoopItem, LoopJob, LoopMember
 from store.privacy import OUTSIDER, Viewer
 
@@ -120,26 +118,11 @@ class ResultsRally(Loop):
             session, "rally_link", sender=me, recipient=None, outside=True, actor=actor
         )
         if sharing.allowed:
-            link = await create_link(
-                session,
-                self.services.signer,
-                referrer=me,
-                source=self.name,
-                target=f"/rally/{item.id}",
-                now=now,
-                ttl=self.config.rally_days * 86400,
-            )
-            item.data = {"link_nonce": link.nonce}
-            fx.emit(
-                EventIn(
-                    f"{item.id}-invite",
-                    "invite_sent",
-                    me,
-                    now,
-                    {"source": self.name, "link_token": link.token},
+            reply.update(
+                await self.share_item(
+                    session, fx, item, me, f"/rally/{item.id}", self.config.rally_days * 86400
                 )
             )
-            reply.update(token=link.token, url=f"/r/{link.token}")
         else:
             reply["link_refused"] = sharing.reason
         assert item.expires_at is not None
