@@ -176,10 +176,15 @@ class ServerProcess:
             **os.environ,
             "SECRET_KEY": BENCH_SECRET,
             "BROKER_URL": "memory://",
-            "DATABASE_URL": "sqlite+aiosqlite:///:memory:",
             "ENV": "development",
             **self.extra_env,
         }
+        if "DATABASE_URL" not in self.extra_env:
+            from store.migrate import upgrade
+
+            # A migrated database of its own: joins read users' privacy states from the store.
+            env["DATABASE_URL"] = f"sqlite+aiosqlite:///{self.log_path.with_suffix('.db')}"
+            await asyncio.to_thread(upgrade, env["DATABASE_URL"])
         with self.log_path.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -279,6 +279,13 @@ async def test_the_directory_serves_from_cache_until_a_notice_drops_the_user(dat
         assert (await directory.get("cached")).minor is False  # cached: no notice yet
         directory.forget("cached")
         assert (await directory.get("cached")).minor is True
+        # Many misses at once are one read, and each caller gets their own state.
+        many = await asyncio.gather(*(directory.get(u) for u in ("cached", "nobody-1", "nobody-2")))
+        assert [(s.uid, s.known) for s in many] == [
+            ("cached", True),
+            ("nobody-1", False),
+            ("nobody-2", False),
+        ]
     finally:
         await database.dispose()
 
@@ -289,10 +296,10 @@ async def test_a_load_that_raced_an_invalidation_is_not_cached(database_url):
     class SlowRules(PrivacyRules):
         gate = asyncio.Event()
 
-        async def load_one(self, session, uid):
-            state = await super().load_one(session, uid)
+        async def load(self, session, uids):
+            states = await super().load(session, uids)
             await self.gate.wait()
-            return state
+            return states
 
     database = Database(database_url)
     try:
@@ -307,5 +314,19 @@ async def test_a_load_that_raced_an_invalidation_is_not_cached(database_url):
         SlowRules.gate.set()
         assert (await load).opted_out is False  # that caller got what it read…
         assert (await directory.get("racer")).opted_out is True  # …but it was not kept
+    finally:
+        await database.dispose()
+
+
+async def test_when_the_store_cannot_be_read_a_user_is_shown_protected_and_nothing_is_cached():
+    from channels.privacy import PrivacyDirectory
+
+    database = Database("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    try:
+        directory = PrivacyDirectory(database, RULES)
+        state = await directory.get("anyone")
+        assert state.minor is True and state.anonymous  # no id, no name, until the store answers
+        assert RULES.show(state.with_claims({"name": "Real Name"}), OUTSIDER, TOPIC).user_id is None
+        assert directory._states == {}
     finally:
         await database.dispose()
