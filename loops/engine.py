@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from metrics import EventIn, experiments
 from metrics.attribution import create_link, verified_link
-from metrics.compliance import SocialAction, Verdict
+from metrics.compliance import SocialAction, Verdict, told_to_sender
 from metrics.links import LinkError, LinkSigner
 from metrics.rewards import Paid, pay
 from realtime import BrokerUnavailable, Hub
@@ -333,7 +333,7 @@ class Loop:
         for recipient in dict.fromkeys(recipients):
             verdict = await self.decide(session, action, sender=sender, recipient=recipient, actor=actor)
             if not verdict.allowed:
-                held[recipient] = verdict.reason
+                held[recipient] = told_to_sender(verdict.reason)
                 continue
             await self.member(session, item.id, recipient, "invited", self.now())
             invited.append(recipient)
@@ -486,7 +486,7 @@ class LoopEngine:
             reply = await handler(session, actor, params, fx)
         await self.flush(fx)
         if "refused" in reply:  # the refusal is recorded (committed above); the caller gets an error
-            reason = str(reply["refused"])
+            reason = told_to_sender(str(reply["refused"]))
             raise ActionError("refused", str(reply.get("message") or f"not sent: {reason}"), reason)
         return reply
 

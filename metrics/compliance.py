@@ -58,7 +58,18 @@ MESSAGES = {
     "sender_rate_limited": "you have sent enough invites for today",
     "recipient_rate_limited": "they have had enough invites for today",
     "quiet_hours": "it is quiet hours for them; try again later",
+    "recipient_unavailable": "they cannot be invited right now",
 }
+# What the sender is told instead: whether another user opted out is theirs to keep, so it reads the
+# same as their having had enough invites (the recorded decision keeps the real reason).
+TOLD_TO_SENDER = {
+    "recipient_opted_out": "recipient_unavailable",
+    "recipient_rate_limited": "recipient_unavailable",
+}
+
+
+def told_to_sender(reason: str) -> str:
+    return TOLD_TO_SENDER.get(reason, reason)
 
 
 @dataclass(frozen=True, slots=True)

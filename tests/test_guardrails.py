@@ -220,7 +220,9 @@ async def test_opt_out_and_opt_in_over_the_api(server_database):
         ).status_code == 200
         await asyncio.sleep(0.3)  # the opt_out event reaches the consumers
         refused = await world.act("maya", "challenge", subject="algebra", friend_id="leo")
-        assert refused.status_code == 403 and "recipient_opted_out" in refused.json()["error"]
+        # The sender is not told that leo opted out: it reads like any other unavailability.
+        assert refused.status_code == 403 and refused.json()["refused"] == "recipient_unavailable"
+        assert "opted" not in refused.text
         assert not leo.events("user:leo", "challenge_invite")
         assert (
             await call(world, "POST", "/api/users/leo/opt-in", user="leo", role="student")

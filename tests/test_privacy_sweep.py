@@ -125,7 +125,8 @@ async def play_loops(world, viewer: PhxClient) -> None:
     for p in PERSONAS:
         made = await world.act(VIEWER, "challenge", subject=SUBJECT, friend_id=p.uid)
         if p.key.startswith("opted"):
-            assert made.status_code == 403, made.text  # the gate: they take no part
+            # The gate: they take no part, and the viewer is not told why.
+            assert made.status_code == 403 and made.json()["refused"] == "recipient_unavailable", made.text
             continue
         assert made.status_code == 200, made.text
         cid = made.json()["challenge_id"]
