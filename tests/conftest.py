@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import ServerProcess, fresh_postgres, pg_admin, with_database
+from servers import PhxClient, ServerProcess, fresh_postgres, make_token, pg_admin, with_database
 
 from store.migrate import upgrade
 
@@ -123,3 +123,19 @@ def ws_impl(request: pytest.FixtureRequest) -> str:
 def server(server_factory: Any, ws_impl: str) -> ServerProcess:
     srv: ServerProcess = server_factory(args=("--ws", ws_impl))
     return srv
+
+
+@pytest.fixture
+async def clients() -> Any:
+    """`await clients(server, sub, **claims)`: a Phoenix socket client for that user, closed at the end."""
+    opened: list[PhxClient] = []
+
+    async def connect(server: ServerProcess, sub: str, **claims: Any) -> PhxClient:
+        client = await PhxClient.connect(server.ws_url(make_token(sub, **claims)))
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        with contextlib.suppress(Exception):
+            await client.close()

@@ -3,25 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-import pytest
-from servers import FAST_PRESENCE, TOPIC, PhxClient, Roster, is_event, make_token
-
-
-@pytest.fixture
-async def clients():
-    opened: list[PhxClient] = []
-
-    async def connect(server, sub: str, **claims) -> PhxClient:
-        client = await PhxClient.connect(server.ws_url(make_token(sub, **claims)))
-        opened.append(client)
-        return client
-
-    yield connect
-    for client in opened:
-        with contextlib.suppress(Exception):
-            await client.close()
+from servers import FAST_PRESENCE, TOPIC, Roster, is_event
 
 
 async def test_state_then_diffs_with_phoenix_shapes(server_factory, clients):

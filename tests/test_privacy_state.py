@@ -4,7 +4,6 @@ add protection, and presence that follows the store on every node."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from datetime import UTC, datetime
 
@@ -167,21 +166,6 @@ async def test_another_users_event_ids_cannot_suppress_an_opt_out_event(database
 
 
 # --- Presence follows the store ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def clients():
-    opened: list[PhxClient] = []
-
-    async def connect(server, sub: str, **claims) -> PhxClient:
-        client = await PhxClient.connect(server.ws_url(make_token(sub, **claims)))
-        opened.append(client)
-        return client
-
-    yield connect
-    for client in opened:
-        with contextlib.suppress(Exception):
-            await client.close()
 
 
 async def put_profile(server, user_id: str, **fields) -> None:
