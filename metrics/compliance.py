@@ -26,7 +26,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from store import Consent, PromptDecision, User
+from store import PromptDecision, User
+from store.privacy import load_states
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,34 +110,27 @@ def local_time(now: datetime, zone: str | None) -> time:
 
 
 async def has_consent(session: AsyncSession, user_id: str) -> bool:
-    consent = await session.get(Consent, user_id)
-    return consent is not None and consent.revoked_at is None
+    return (await load_states(session, [user_id]))[user_id].consent
 
 
 async def check(
     session: AsyncSession, action: SocialAction, now: datetime, rules: ComplianceRules = ComplianceRules()
 ) -> Verdict:
-    users = {
-        u.id: u
-        for u in (
-            await session.scalars(
-                select(User).where(User.id.in_([i for i in (action.sender_id, action.recipient_id) if i]))
-            )
+    states = await load_states(session, [i for i in (action.sender_id, action.recipient_id) if i])
+    sender = states.get(action.sender_id) if action.sender_id else None
+    recipient = states.get(action.recipient_id) if action.recipient_id else None
+    if sender is not None:  # what the sender's own token adds
+        sender = replace(
+            sender,
+            minor=sender.minor or action.sender_minor,
+            opted_out=sender.opted_out or action.sender_opted_out,
         )
-    }
-    sender = users.get(action.sender_id) if action.sender_id else None
-    recipient = users.get(action.recipient_id) if action.recipient_id else None
     if action.sender_opted_out or (sender is not None and sender.opted_out):
         return Verdict(False, "sender_opted_out")
     if recipient is not None and recipient.opted_out:
         return Verdict(False, "recipient_opted_out")
-    if action.outside:
-        minors = [p.id for p in (sender, recipient) if p is not None and p.minor]
-        if action.sender_minor and action.sender_id is not None and action.sender_id not in minors:
-            minors.append(action.sender_id)
-        for person in minors:
-            if not await has_consent(session, person):
-                return Verdict(False, "minor_without_consent")
+    if action.outside and any(p is not None and p.minor and not p.consent for p in (sender, recipient)):
+        return Verdict(False, "minor_without_consent")
     day_ago = now - timedelta(hours=24)
     if action.sender_id is not None:
         sent = await session.scalar(
@@ -159,7 +153,7 @@ async def check(
         )
         if action.sender_id is not None and int(received or 0) >= rules.recipient_per_day:
             return Verdict(False, "recipient_rate_limited")
-        zone = recipient.timezone if recipient is not None else None
+        zone = await session.scalar(select(User.timezone).where(User.id == action.recipient_id))
         if in_quiet_hours(local_time(now, zone), rules.quiet_start, rules.quiet_end):
             return Verdict(False, "quiet_hours")
     return Verdict.ok()

@@ -139,30 +139,9 @@ class PrivacyRules:
         shown = self.show(state, viewer, scope)
         return shown.as_dict() if shown is not None else None
 
-    async def load(self, session: AsyncSession, uids: Iterable[str]) -> dict[str, PrivacyState]:
-        """The privacy state of each user (users the store knows nothing of: `known=False`)."""
-        wanted = sorted(set(uids))
-        states = {uid: PrivacyState(uid) for uid in wanted}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            rows = await session.execute(
-                select(User, Consent.revoked_at, Consent.user_id)
-                .join(Consent, Consent.user_id == User.id, isouter=True)
-                .where(User.id.in_(chunk))
-            )
-            for user, revoked_at, consent_of in rows:
-                states[user.id] = PrivacyState(
-                    uid=user.id,
-                    known=True,
-                    minor=bool(user.minor),
-                    opted_out=bool(user.opted_out),
-                    opted_out_by=user.opted_out_by if user.opted_out else None,
-                    consent=consent_of is not None and revoked_at is None,
-                    parent_id=user.parent_id,
-                    display_name=user.display_name,
-                    role=user.role or "student",
-                )
-        return states
+    @staticmethod
+    async def load(session: AsyncSession, uids: Iterable[str]) -> dict[str, PrivacyState]:
+        return await load_states(session, uids)
 
     async def load_one(self, session: AsyncSession, uid: str) -> PrivacyState:
         return (await self.load(session, [uid]))[uid]
@@ -181,6 +160,35 @@ class PrivacyRules:
         """Every deletion on record: tombstone key -> when."""
         rows = await session.execute(select(Tombstone.key, Tombstone.deleted_at))
         return {key: at for key, at in rows}
+
+
+async def load_states(session: AsyncSession, uids: Iterable[str]) -> dict[str, PrivacyState]:
+    """The privacy state of each user, from the store (users it knows nothing of: `known=False`, though
+    a consent on record for them still counts)."""
+    wanted = sorted(set(uids))
+    states = {uid: PrivacyState(uid) for uid in wanted}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        consented = set(
+            await session.scalars(
+                select(Consent.user_id).where(Consent.user_id.in_(chunk), Consent.revoked_at.is_(None))
+            )
+        )
+        for uid in consented:
+            states[uid] = replace(states[uid], consent=True)
+        for user in await session.scalars(select(User).where(User.id.in_(chunk))):
+            states[user.id] = PrivacyState(
+                uid=user.id,
+                known=True,
+                minor=bool(user.minor),
+                opted_out=bool(user.opted_out),
+                opted_out_by=user.opted_out_by if user.opted_out else None,
+                consent=user.id in consented,
+                parent_id=user.parent_id,
+                display_name=user.display_name,
+                role=user.role or "student",
+            )
+    return states
 
 
 async def opt_out_user(session: AsyncSession, user_id: str, *, by: str, now: datetime) -> None:
@@ -213,5 +221,6 @@ __all__ = [
     "PrivacyState",
     "Shown",
     "Viewer",
+    "load_states",
     "opt_out_user",
 ]

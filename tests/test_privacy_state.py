@@ -314,3 +314,27 @@ async def test_when_the_store_cannot_be_read_a_user_is_shown_protected_and_nothi
         assert directory._states == {}
     finally:
         await database.dispose()
+
+
+async def test_the_gate_reads_the_same_state_and_a_token_only_adds_to_it(database_url):
+    from metrics.compliance import SocialAction, check
+    from store import Consent
+
+    database = Database(database_url)
+    now = datetime.now(UTC)
+    try:
+        async with database.session() as session, session.begin():
+            session.add(User(id="kid", minor=True, subjects=[]))
+            session.add(Consent(user_id="tokenkid", parent_id="mum", method="signed_form", granted_at=now))
+        share = SocialAction("direct", "share_link", None, None, outside=True)
+        async with database.session() as session:
+            # A minor in the store, with a token that does not say so: still a minor.
+            verdict = await check(session, share.by({"sub": "kid"}), now)
+            assert verdict.reason == "minor_without_consent"
+            # A minor only by their token, without a profile, whose parent consented: allowed.
+            assert (await check(session, share.by({"sub": "tokenkid", "minor": True}), now)).allowed
+            assert (await check(session, share.by({"sub": "stranger", "opted_out": True}), now)).reason == (
+                "sender_opted_out"
+            )
+    finally:
+        await database.dispose()
