@@ -44,6 +44,7 @@ from websockets.speedups import apply_mask
 from .endpoint import FAST_TRANSPORT_EXTENSION
 from .frames import close_frame, text_frame
 from .outbound import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, CLOSE_TIMEOUT
+from .socket import CLOSE_POLICY
 from .stats import RealtimeStats
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+
+# Clients (browsers, phoenix.js) send a message in one frame; a few fragments are allowed, a flood of
+# them is refused: every frame costs work, whatever its size.
+MAX_FRAGMENTS = 64
 
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _PONG_EMPTY = b"\x8a\x00"
@@ -131,6 +136,7 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
         "_close_timer",
         "_frag",
         "_frag_op",
+        "_frag_size",
         "_inbox",
         "_max_buffer",
         "_max_message",
@@ -178,6 +184,7 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._frag: list[bytes] | None = None
         self._frag_op = 0
+        self._frag_size = 0  # the bytes of the message so far: each frame adds its own, nothing more
         self._skip = 0
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
 
@@ -515,8 +522,12 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
             elif self._state != _OPEN:
                 error = (0, "")  # a data frame while closing: skipped unread
             else:
-                size = length + (sum(len(f) for f in self._frag) if self._frag else 0)
-                if size > self._max_message:
+                size = length + (self._frag_size if self._frag else 0)
+                if self._frag is not None and opcode == _OP_CONT and len(self._frag) >= MAX_FRAGMENTS:
+                    if self._stats is not None:
+                        self._stats.malformed_frames += 1
+                    error = (CLOSE_POLICY, f"a message may come in at most {MAX_FRAGMENTS} frames")
+                elif size > self._max_message:
                     if self._stats is not None:
                         self._stats.oversized_frames += 1
                     error = (CLOSE_TOO_BIG, f"frame of {size} bytes exceeds the limit of {self._max_message}")
@@ -544,16 +555,19 @@ class PhoenixWebSocketProtocol(asyncio.Protocol):
                 self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
                 return
             self._frag.append(payload)
+            self._frag_size += len(payload)
             if not fin:
                 return
             opcode, payload = self._frag_op, b"".join(self._frag)
             self._frag = None
+            self._frag_size = 0
         elif self._frag is not None:
             self._fail(CLOSE_PROTOCOL_ERROR, "new message before the previous one was finished")
             return
         elif not fin:
             self._frag = [payload]
             self._frag_op = opcode
+            self._frag_size = len(payload)
             return
         if opcode == _OP_TEXT:
             self._message(payload)

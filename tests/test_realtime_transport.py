@@ -12,6 +12,7 @@ import asyncio
 import base64
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,36 @@ async def test_an_oversized_fragmented_message_is_refused(fast_server: ServerPro
     client.send_frame(0x1, b"[" + b" " * 3000, fin=False)
     client.send_frame(0x0, b" " * 3000, fin=False)
     assert (await client.read_close())[0] == 1009
+    client.close()
+
+
+async def test_a_flood_of_continuation_frames_is_closed_without_delaying_anyone(
+    fast_server: ServerProcess,
+) -> None:
+    # 40,000 empty continuation frames: each one used to make the parser re-add every fragment so far.
+    witness = await joined(fast_server.port, "witness")
+    client = await joined(fast_server.port, "flooder")
+    key = os.urandom(4)
+    empty = bytes((0x00, 0x80)) + key
+    client.writer.write(bytes((0x01, 0x81)) + key + apply_mask(b"[", key) + empty * 40_000)
+    started = time.monotonic()
+    witness.send_json([None, "9", "phoenix", "heartbeat", {}])
+    assert (await witness.read_json())[1] == "9"
+    code, reason = await client.read_close()
+    assert code == 1008 and "at most 64 frames" in reason
+    assert time.monotonic() - started < 5  # the flood is refused at its 65th frame, not parsed to the end
+    witness.close()
+    client.close()
+
+
+async def test_a_message_in_64_fragments_is_still_a_message(fast_server: ServerProcess) -> None:
+    client = await joined(fast_server.port)
+    data = orjson.dumps([None, "8", "phoenix", "heartbeat", {}])
+    client.send_frame(0x1, data[:1], fin=False)
+    for _ in range(62):
+        client.send_frame(0x0, b"", fin=False)
+    client.send_frame(0x0, data[1:], fin=True)
+    assert (await client.read_json())[1] == "8"
     client.close()
 
 
