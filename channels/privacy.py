@@ -73,10 +73,7 @@ class PrivacyNotices:
 
     async def changed(self, user_id: str, *, deleted_at: datetime | None = None) -> None:
         """The user's privacy state changed in the store (committed): apply it everywhere."""
-        change = PrivacyChange(user_id, deleted_at)
-        self.directory.forget(user_id)
-        if deleted_at is not None:
-            self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
+        change = self._note(PrivacyChange(user_id, deleted_at))
         for handler in self._shared:
             await self._run(handler, change)
         message = {"user": user_id, "deleted_at": deleted_at.timestamp() if deleted_at else None}
@@ -131,13 +128,17 @@ class PrivacyNotices:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("ignored a malformed privacy notice: %r", raw[:200])
             return
-        change = PrivacyChange(user_id, deleted_at)
-        self.directory.forget(user_id)
-        if deleted_at is not None:
-            self.revocations.revoke(self.rules.tombstone_key(user_id), deleted_at.timestamp())
+        change = self._note(PrivacyChange(user_id, deleted_at))
         task = asyncio.get_running_loop().create_task(self._apply_local(change), name="privacy-change")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _note(self, change: PrivacyChange) -> PrivacyChange:
+        """What this node does at once: drop its cached state; for a deletion, refuse older tokens."""
+        self.directory.forget(change.user_id)
+        if change.deleted_at is not None:
+            self.revocations.revoke(self.rules.tombstone_key(change.user_id), change.deleted_at.timestamp())
+        return change
 
     async def _apply_local(self, change: PrivacyChange) -> None:
         for handler in self._local:

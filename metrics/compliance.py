@@ -37,18 +37,13 @@ class SocialAction:
     sender_id: str | None  # None: the system prompts the recipient itself
     recipient_id: str | None  # None: a link shared outside the platform
     outside: bool = False  # reaches (or comes from) someone outside the platform
-    # What the sender's own verified token says (a token only adds protection to what the store holds).
-    sender_minor: bool = False
-    sender_opted_out: bool = False
+    # The sender's own verified claims, when they act themselves: what a token adds to the store's
+    # protection (PrivacyState.with_claims).
+    sender_claims: Mapping[str, Any] | None = None
 
     def by(self, claims: Mapping[str, Any]) -> SocialAction:
         """This action as sent by the holder of `claims` (the sender)."""
-        return replace(
-            self,
-            sender_id=str(claims["sub"]),
-            sender_minor=claims.get("minor") is True,
-            sender_opted_out=claims.get("opted_out") is True,
-        )
+        return replace(self, sender_id=str(claims["sub"]), sender_claims=claims)
 
 
 # What a refusal tells the person who tried.
@@ -119,13 +114,9 @@ async def check(
     states = await load_states(session, [i for i in (action.sender_id, action.recipient_id) if i])
     sender = states.get(action.sender_id) if action.sender_id else None
     recipient = states.get(action.recipient_id) if action.recipient_id else None
-    if sender is not None:  # what the sender's own token adds
-        sender = replace(
-            sender,
-            minor=sender.minor or action.sender_minor,
-            opted_out=sender.opted_out or action.sender_opted_out,
-        )
-    if action.sender_opted_out or (sender is not None and sender.opted_out):
+    if sender is not None and action.sender_claims is not None:
+        sender = sender.with_claims(action.sender_claims)
+    if sender is not None and sender.opted_out:
         return Verdict(False, "sender_opted_out")
     if recipient is not None and recipient.opted_out:
         return Verdict(False, "recipient_opted_out")
