@@ -132,13 +132,17 @@ async def put_user(request: Request) -> Response:
     if errors:
         return ORJSONResponse({"error": "invalid profile", "fields": errors}, status_code=422)
 
-    async def write() -> bool:
+    async def write() -> tuple[bool, bool]:
+        """(created, whether a fact the privacy rule reads changed)."""
         async with request.app.state.database.session() as session, session.begin():
             user = await session.get(User, user_id)
             created = user is None
             if user is None:
                 user = User(id=user_id, subjects=[])
                 session.add(user)
+            shown = created or any(
+                k in body and body[k] != getattr(user, k) for k in ("display_name", "minor", "parent_id")
+            )
             # Who the user's parent is (who may then act for them) and whether they are a minor: each
             # change is audited, [before, after]. A new profile has no parent and is not a minor.
             before = {"parent_id": user.parent_id, "minor": bool(user.minor)}
@@ -156,10 +160,11 @@ async def put_user(request: Request) -> Response:
                         at=request.app.state.clock.now(),
                     )
                 )
-        return created
+        return created, shown
 
-    created = await once_more_if_raced(write)  # two first PUTs at once: the second one updates
-    await request.app.state.notices.changed(user_id)  # name, minor or parent may have changed
+    created, shown = await once_more_if_raced(write)  # two first PUTs at once: the second one updates
+    if shown:  # a time zone or a subject list changes nothing anyone sees of them
+        await request.app.state.notices.changed(user_id)
     return ORJSONResponse({"id": user_id, "created": created}, status_code=201 if created else 200)
 
 
